@@ -1,0 +1,34 @@
+"""flexmask: sparse and structured attention in a few lines, on FlexAttention.
+
+Example:
+    >>> import torch, flexmask as fm
+    >>> q = k = v = torch.randn(1, 4, 64, 32)
+    >>> mask = fm.causal() & (fm.sliding_window(16) | fm.prefix_lm(8))
+    >>> fm.attention(q, k, v, mask=mask, bias=fm.alibi(4)).shape
+    torch.Size([1, 4, 64, 32])
+"""
+
+from .attention import attention
+from .bias import Bias, alibi, head_bias, key_bias, relative_bias, tensor_bias
+from .masks import Mask, causal, chunked, document, full, mask, padding, prefix_lm, sliding_window
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Bias",
+    "Mask",
+    "alibi",
+    "attention",
+    "causal",
+    "chunked",
+    "document",
+    "full",
+    "head_bias",
+    "key_bias",
+    "mask",
+    "padding",
+    "prefix_lm",
+    "relative_bias",
+    "sliding_window",
+    "tensor_bias",
+]

@@ -1,0 +1,340 @@
+"""The bias algebra: additive score terms combined with ``+``, lowered to a ``score_mod``.
+
+A bias adds ``term(b, h, i, j)`` to the scaled score of query ``i`` and key ``j`` (absolute
+positions, as in :mod:`flexmask.masks`). Learnable tables and tensors may require grad: the
+gradient reaches them through FlexAttention on GPU and through the reference path on CPU.
+
+Example:
+    >>> import torch, flexmask as fm
+    >>> b = fm.alibi(4) + fm.head_bias(torch.zeros(4))
+    >>> b
+    alibi(4) + head_bias(<table (4,)>)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from .blocks import Layout
+
+TermFn = Callable[..., torch.Tensor]
+
+
+class Bias:
+    """Base class of every flexmask bias. Combine biases with ``+``."""
+
+    def _term(self, layout: Layout) -> TermFn:
+        """``(b, h, q_idx, kv_idx) -> additive score`` for ``layout`` (absolute positions)."""
+        raise NotImplementedError
+
+    def _check(self, layout: Layout) -> None:
+        """Raise ``ValueError`` if the bias's tensors don't fit ``layout``."""
+
+    def _parts(self) -> tuple[Bias, ...]:
+        return (self,)
+
+    def __add__(self, other: Bias) -> Bias:
+        if not isinstance(other, Bias):
+            raise TypeError(f"`+` combines flexmask biases; got {type(other).__name__}")
+        return BiasSum(*self._parts(), *other._parts())
+
+    def __bool__(self):
+        raise TypeError(f"a flexmask bias has no truth value (got `{self!r}`); combine biases with `+`")
+
+    @property
+    def score_mod(self) -> Callable[..., torch.Tensor]:
+        """The FlexAttention ``score_mod`` ``(score, b, h, q_idx, kv_idx) -> score`` (absolute positions)."""
+        term = self._term(Layout(1, _own_heads(self), 1, 1, _device_of(self)))
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + term(b, h, q_idx, kv_idx)
+
+        return score_mod
+
+
+class Alibi(Bias):
+    def __init__(self, num_heads: int):
+        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
+            raise ValueError(f"alibi num_heads must be a positive int, got {num_heads!r}")
+        self.num_heads = num_heads
+
+    def slopes(self, device=None) -> torch.Tensor:
+        """``2^(-8 (h+1) / num_heads)`` for each head ``h``: a float32 tensor ``[num_heads]``."""
+        h = torch.arange(1, self.num_heads + 1, dtype=torch.float32, device=device)
+        return torch.exp2(-8.0 * h / self.num_heads)
+
+    def _term(self, layout):
+        slopes = self.slopes(layout.device)
+
+        def alibi(b, h, q_idx, kv_idx):
+            return slopes[h] * (kv_idx - q_idx)
+
+        return alibi
+
+    def _check(self, layout):
+        if layout.heads != self.num_heads:
+            raise ValueError(f"alibi was made for {self.num_heads} heads, but q has {layout.heads} heads")
+
+    def __repr__(self):
+        return f"alibi({self.num_heads})"
+
+
+class HeadBias(Bias):
+    def __init__(self, table: torch.Tensor):
+        _check_tensor("head_bias table", table, 1, "[num_heads]")
+        self.table = table
+
+    def _term(self, layout):
+        table = self.table
+
+        def head_bias(b, h, q_idx, kv_idx):
+            return table[h]
+
+        return head_bias
+
+    def _check(self, layout):
+        _check_device("head_bias table", self.table, layout)
+        if self.table.shape[0] != layout.heads:
+            raise ValueError(
+                f"head_bias table has shape {tuple(self.table.shape)}, expected [{layout.heads}] "
+                "(one value per query head)"
+            )
+
+    def __repr__(self):
+        return f"head_bias(<table {tuple(self.table.shape)}>)"
+
+
+def relative_bucket(rel: torch.Tensor, num_buckets: int, max_distance: int, bidirectional: bool) -> torch.Tensor:
+    """T5's bucket of the relative position ``rel = j - i``: exact for small distances, log-spaced after."""
+    offset = 0
+    if bidirectional:
+        num_buckets //= 2
+        offset = (rel > 0).to(torch.int64) * num_buckets
+        dist = rel.abs()
+    else:
+        dist = torch.clamp(-rel, min=0)
+    exact = num_buckets // 2
+    log_ratio = torch.log(torch.clamp(dist, min=1).to(torch.float32) / exact) / math.log(max_distance / exact)
+    large = exact + (log_ratio * (num_buckets - exact)).to(torch.int64)
+    large = torch.clamp(large, max=num_buckets - 1)
+    return offset + torch.where(dist < exact, dist.to(torch.int64), large)
+
+
+class RelativeBias(Bias):
+    def __init__(self, table: torch.Tensor, max_distance: int, bidirectional: bool):
+        _check_tensor("relative_bias table", table, 2, "[num_heads, num_buckets]")
+        min_buckets = 4 if bidirectional else 2
+        if table.shape[1] < min_buckets:
+            raise ValueError(
+                f"relative_bias table needs at least {min_buckets} buckets, got shape {tuple(table.shape)}"
+            )
+        exact = table.shape[1] // (4 if bidirectional else 2)
+        if isinstance(max_distance, bool) or not isinstance(max_distance, int) or max_distance <= exact:
+            raise ValueError(f"relative_bias max_distance must be an int > {exact}, got {max_distance!r}")
+        self.table, self.max_distance, self.bidirectional = table, max_distance, bidirectional
+
+    def _term(self, layout):
+        table, nb, md, bi = self.table, self.table.shape[1], self.max_distance, self.bidirectional
+
+        def relative(b, h, q_idx, kv_idx):
+            return table[h, relative_bucket(kv_idx - q_idx, nb, md, bi)]
+
+        return relative
+
+    def _check(self, layout):
+        _check_device("relative_bias table", self.table, layout)
+        if self.table.shape[0] != layout.heads:
+            raise ValueError(
+                f"relative_bias table has {self.table.shape[0]} heads (shape {tuple(self.table.shape)}), "
+                f"but q has {layout.heads} heads"
+            )
+
+    def __repr__(self):
+        return f"relative_bias(<table {tuple(self.table.shape)}>, max_distance={self.max_distance})"
+
+
+class KeyBias(Bias):
+    def __init__(self, t: torch.Tensor):
+        _check_tensor("key_bias", t, 3, "[batch, heads, kv_len]")
+        self.t = t
+
+    def _term(self, layout):
+        t = self.t
+        if t.shape[0] == 1 and layout.batch > 1:
+            t = t.expand(layout.batch, *t.shape[1:])
+        group = layout.heads // t.shape[1]
+
+        def key_bias(b, h, q_idx, kv_idx):
+            return t[b, h // group, kv_idx]
+
+        return key_bias
+
+    def _check(self, layout):
+        _check_device("key_bias", self.t, layout)
+        batch, heads, length = self.t.shape
+        if batch not in (1, layout.batch) or length != layout.kv_len or layout.heads % heads:
+            raise ValueError(
+                f"key_bias has shape {tuple(self.t.shape)}, expected [{layout.batch} or 1, H, {layout.kv_len}] "
+                f"with H dividing the {layout.heads} query heads (1, the KV heads or the query heads)"
+            )
+
+    def __repr__(self):
+        return f"key_bias(<{tuple(self.t.shape)}>)"
+
+
+class TensorBias(Bias):
+    def __init__(self, t: torch.Tensor):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"tensor_bias expects a tensor, got {type(t).__name__}")
+        if not t.dtype.is_floating_point or not 1 <= t.dim() <= 4:
+            raise ValueError(
+                "tensor_bias expects a floating tensor broadcastable to [batch, heads, q_len, kv_len], "
+                f"got dtype {t.dtype} and shape {tuple(t.shape)}"
+            )
+        self.t = t
+
+    def _term(self, layout):
+        t = self.t.reshape((1,) * (4 - self.t.dim()) + tuple(self.t.shape))
+        t = t.expand(layout.batch, layout.heads, layout.q_len, layout.kv_len)
+        offset = torch.tensor(layout.offset, device=layout.device)
+
+        def tensor_bias(b, h, q_idx, kv_idx):
+            return t[b, h, q_idx - offset, kv_idx]
+
+        return tensor_bias
+
+    def _check(self, layout):
+        _check_device("tensor_bias", self.t, layout)
+        full = (layout.batch, layout.heads, layout.q_len, layout.kv_len)
+        try:
+            torch.broadcast_shapes(tuple(self.t.shape), full)
+            ok = torch.broadcast_shapes(tuple(self.t.shape), full) == full
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"tensor_bias has shape {tuple(self.t.shape)}, which does not broadcast to "
+                f"[batch, heads, q_len, kv_len] = {list(full)}"
+            )
+
+    def __repr__(self):
+        return f"tensor_bias(<{tuple(self.t.shape)}>)"
+
+
+class BiasSum(Bias):
+    def __init__(self, *parts: Bias):
+        self.parts = parts
+
+    def _parts(self):
+        return self.parts
+
+    def _term(self, layout):
+        terms = [p._term(layout) for p in self.parts]
+
+        def bias_sum(b, h, q_idx, kv_idx):
+            total = terms[0](b, h, q_idx, kv_idx)
+            for term in terms[1:]:
+                total = total + term(b, h, q_idx, kv_idx)
+            return total
+
+        return bias_sum
+
+    def _check(self, layout):
+        for p in self.parts:
+            p._check(layout)
+
+    def __repr__(self):
+        return " + ".join(repr(p) for p in self.parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# public factories
+
+
+def alibi(num_heads: int) -> Bias:
+    """ALiBi: adds ``slope_h · (j − i)`` with ``slope_h = 2^(−8 (h+1) / num_heads)``.
+
+    Example:
+        >>> import flexmask as fm
+        >>> fm.alibi(8).slopes()[:2]
+        tensor([0.3536, 0.1250])
+    """
+    return Alibi(num_heads)
+
+
+def head_bias(table: torch.Tensor) -> Bias:
+    """One value per query head, added to every score of that head.
+
+    Args:
+        table: ``[num_heads]``; may be an ``nn.Parameter`` (it receives gradients).
+    """
+    return HeadBias(table)
+
+
+def relative_bias(table: torch.Tensor, *, max_distance: int = 128, bidirectional: bool = False) -> Bias:
+    """T5-style learnable relative-position bias: ``table[h, bucket(j − i)]``.
+
+    Args:
+        table: ``[num_heads, num_buckets]``; may be an ``nn.Parameter``.
+        max_distance: distances at or beyond it share the last bucket.
+        bidirectional: separate buckets for keys after the query (encoders).
+    """
+    return RelativeBias(table, max_distance, bidirectional)
+
+
+def key_bias(t: torch.Tensor) -> Bias:
+    """A per-key content bias: adds ``t[b, h, j]`` to every query's score of key ``j``.
+
+    Args:
+        t: ``[B or 1, H, kv_len]`` with ``H`` one of 1, the KV heads or the query heads (a KV head's
+            value is shared by its query-head group). May require grad.
+    """
+    return KeyBias(t)
+
+
+def tensor_bias(t: torch.Tensor) -> Bias:
+    """A dense bias broadcastable to ``[B, H, q_len, kv_len]`` (local query rows of this call).
+
+    This is a dense path: it holds whatever ``t`` holds. Prefer the structured biases.
+    """
+    return TensorBias(t)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _check_tensor(name: str, t, dim: int, shape: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor {shape}, got {type(t).__name__}")
+    if t.dim() != dim or not t.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a floating tensor {shape}, got dtype {t.dtype} and shape {tuple(t.shape)}")
+
+
+def _check_device(name: str, t: torch.Tensor, layout: Layout) -> None:
+    if t.device.type != layout.device.type:
+        raise ValueError(f"{name} is on {t.device}, but q is on {layout.device}")
+
+
+def bias_tensors(bias: Bias):
+    """Every tensor a bias holds (tables, key scores, dense biases)."""
+    for part in bias._parts():
+        for value in vars(part).values():
+            if isinstance(value, torch.Tensor):
+                yield value
+
+
+def _own_heads(bias: Bias) -> int:
+    for part in bias._parts():
+        if isinstance(part, Alibi):
+            return part.num_heads
+        if isinstance(part, (HeadBias, RelativeBias)):
+            return part.table.shape[0]
+    return 1
+
+
+def _device_of(bias: Bias) -> torch.device:
+    return next((t.device for t in bias_tensors(bias)), torch.device("cpu"))

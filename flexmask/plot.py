@@ -1,0 +1,1 @@
+"""Visualisation (placeholder; see the visualisation issue)."""
