@@ -23,6 +23,10 @@ from .masks import Mask
 
 Backend = Literal["auto", "flex", "reference"]
 
+# Callables ``(mask, layout)`` told about every call (used by flexmask.plot to record the masks a
+# model used). Empty in normal use.
+observers: list[Callable[[Mask | None, Layout], None]] = []
+
 _CACHE_SIZE = 32
 _structural_cache: OrderedDict = OrderedDict()
 _object_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -86,6 +90,8 @@ def attention(
         mask._check(layout)
     if bias is not None:
         bias._check(layout)
+    for observe in observers:
+        observe(mask, layout)
 
     score_mod = lower_score(bias, softcap, layout)
     if backend == "reference":
