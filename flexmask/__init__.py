@@ -10,18 +10,21 @@ Example:
 
 from .attention import attention
 from .bias import Bias, alibi, head_bias, key_bias, relative_bias, tensor_bias
+from .dma import DynamicMaskAttention, dynamic_bias, topk, topk_blocks
 from .masks import Mask, causal, chunked, document, full, mask, padding, prefix_lm, sliding_window
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Bias",
+    "DynamicMaskAttention",
     "Mask",
     "alibi",
     "attention",
     "causal",
     "chunked",
     "document",
+    "dynamic_bias",
     "full",
     "head_bias",
     "key_bias",
@@ -31,4 +34,6 @@ __all__ = [
     "relative_bias",
     "sliding_window",
     "tensor_bias",
+    "topk",
+    "topk_blocks",
 ]
