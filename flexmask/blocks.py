@@ -13,8 +13,9 @@ combinators in :mod:`flexmask.masks` keep that invariant.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask
@@ -73,13 +74,15 @@ def block_ranges(length: int, block_size: int, start: int, device, axis: str) ->
     return BlockRanges(lo, hi, block_size, length, start)
 
 
-def per_block_min_max(x: torch.Tensor, ranges: BlockRanges) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min and max of ``x[..., start:start+length]`` over each block: two ``[..., n]`` tensors."""
-    x = x[..., ranges.start : ranges.start + ranges.length]
-    pad = ranges.count * ranges.size - ranges.length
+def per_block_min_max(x: torch.Tensor, block_size: int, start: int = 0, length: int | None = None):
+    """Min and max of ``x[..., start:start+length]`` over each block of ``block_size``: two ``[..., n]`` tensors."""
+    length = x.shape[-1] - start if length is None else length
+    x = x[..., start : start + length]
+    n = -(-length // block_size)
+    pad = n * block_size - length
     if pad:
         x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], dim=-1)
-    x = x.reshape(*x.shape[:-1], ranges.count, ranges.size)
+    x = x.reshape(*x.shape[:-1], n, block_size)
     return x.amin(-1), x.amax(-1)
 
 
@@ -110,9 +113,24 @@ def classify(mask: Mask, layout: Layout, block_size: int) -> tuple[torch.Tensor,
 
 
 def _ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: how many blocks are set, and their indices first (ascending), as int32."""
     counts = blocks.sum(-1, dtype=torch.int32)
     order = torch.argsort(blocks.to(torch.uint8), dim=-1, descending=True, stable=True)
     return counts.contiguous(), order.to(torch.int32).contiguous()
+
+
+def _block_tensors(any_: torch.Tensor, all_: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The eight index tensors of a BlockMask: partial and full blocks, by key and by query."""
+    partial = any_ & ~all_
+    return (
+        *_ordered(partial),
+        *_ordered(all_),
+        *_ordered(partial.transpose(-1, -2)),
+        *_ordered(all_.transpose(-1, -2)),
+    )
+
+
+_compiled_block_tensors = None
 
 
 def from_block_states(
@@ -123,17 +141,29 @@ def from_block_states(
     kv_len: int,
     block_size: int,
 ) -> BlockMask:
-    """A ``BlockMask`` whose full blocks are ``all_`` and partial blocks ``any_ & ~all_``."""
-    kv_num, kv_idx = _ordered(any_ & ~all_)
-    full_num, full_idx = _ordered(all_)
-    return BlockMask.from_kv_blocks(
+    """A ``BlockMask`` whose full blocks are ``all_`` and partial blocks ``any_ & ~all_``.
+
+    On CUDA the index tensors come from one ``torch.compile``d function (a handful of kernels).
+    """
+    global _compiled_block_tensors
+    fn = _block_tensors
+    if any_.is_cuda and not torch.compiler.is_compiling():
+        if _compiled_block_tensors is None:
+            _compiled_block_tensors = torch.compile(_block_tensors, dynamic=False)
+        fn = _compiled_block_tensors
+    kv_num, kv_idx, full_num, full_idx, q_num, q_idx, full_q_num, full_q_idx = fn(any_, all_)
+    return BlockMask(
+        (q_len, kv_len),
         kv_num,
         kv_idx,
         full_num,
         full_idx,
-        BLOCK_SIZE=block_size,
+        q_num,
+        q_idx,
+        full_q_num,
+        full_q_idx,
+        BLOCK_SIZE=(block_size, block_size),
         mask_mod=mask_mod,
-        seq_lengths=(q_len, kv_len),
     )
 
 

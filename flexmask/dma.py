@@ -25,7 +25,7 @@ from torch import nn
 
 from .attention import attention
 from .bias import key_bias
-from .blocks import BlockRanges, Layout, per_block_min_max
+from .blocks import Layout, per_block_min_max
 from .masks import And, Causal, Document, Mask, Padding, _positive_int
 
 # ---------------------------------------------------------------------------------------------
@@ -85,6 +85,23 @@ def prefix_kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.where(positions + 1 >= k, result, torch.full_like(result, n))
 
 
+_compiled: dict = {}
+
+
+def _fused(fn):
+    """``fn`` compiled by ``torch.compile`` on CUDA (a few fused kernels instead of hundreds of launches)."""
+
+    def run(*args):
+        x = args[0]
+        if not x.is_cuda or torch.compiler.is_compiling():
+            return fn(*args)
+        if fn not in _compiled:
+            _compiled[fn] = torch.compile(fn, dynamic=False)
+        return _compiled[fn](*args)
+
+    return run
+
+
 def interval_ends(scores: torch.Tensor, k: int, segments: torch.Tensor | None = None) -> torch.Tensor:
     """End ``e_j`` of the run of queries that keep key ``j`` under prefix top-``k`` selection.
 
@@ -98,6 +115,14 @@ def interval_ends(scores: torch.Tensor, k: int, segments: torch.Tensor | None = 
     threshold = prefix_kth_smallest(rank, k)  # nonincreasing in i
     first_drop = torch.searchsorted(-threshold, -rank, right=True)
     return torch.maximum(first_drop, torch.arange(n, device=scores.device))
+
+
+def _block_ranks(block_scores: torch.Tensor, k: int) -> torch.Tensor:
+    """``[2, R, nb]``: each block's rank and the threshold of each query block (blocks before it)."""
+    rank = _rank_keys(block_scores, None)
+    inclusive = prefix_kth_smallest(rank, k)
+    threshold = torch.cat([rank.new_full((rank.shape[0], 1), rank.shape[1]), inclusive[:, :-1]], -1)
+    return torch.stack([rank, threshold])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,8 +212,7 @@ class _ContentMask(Mask):
     def _candidate_scores(self, layout: Layout, per_key: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Detached float32 scores ``[B, Hs, N]`` with non-candidates at -inf, and segments or None."""
         s = self.scores.detach().to(device=layout.device, dtype=torch.float32)
-        if not bool(torch.isfinite(s).all()):
-            raise ValueError("top-k scores must be finite (got NaN or inf)")
+        s = torch.nan_to_num(s, nan=float("-inf"))  # NaN ranks lowest (no device sync to check)
         s = s.expand(layout.batch, *s.shape[1:])
         if self._padding is not None and per_key:
             lengths = self._padding.lengths.to(layout.device).view(-1, 1, 1)
@@ -199,6 +223,10 @@ class _ContentMask(Mask):
             ids = ids.expand(layout.batch, ids.shape[-1])
             segments = F.pad(torch.cumsum(ids[:, 1:] != ids[:, :-1], -1), (1, 0))[:, None].expand_as(s)
         return s, segments
+
+    def _cache_key(self, layout: Layout) -> tuple:
+        # scores updated in place must not reuse a stale selection
+        return (layout.batch, layout.device, self.scores.data_ptr(), self.scores._version)
 
     def _with_among(self, layout, fn):
         if self.among is None:
@@ -217,18 +245,26 @@ class _ContentMask(Mask):
         return any_ & a_any, all_ & a_all
 
 
+def _interval_extents(ends: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per key block: the smallest interval end, and the largest end among keys ever kept."""
+    n = ends.shape[-1]
+    positions = torch.arange(n, device=ends.device)
+    alive = torch.where(ends > positions, ends, torch.full_like(ends, -1))
+    return per_block_min_max(ends, block_size)[0], per_block_min_max(alive, block_size)[1]
+
+
 class TopK(_ContentMask):
     def __init__(self, scores: torch.Tensor, k: int, among: Mask | None = None):
         super().__init__(scores, k, among, "topk")
 
     def interval_ends(self, layout: Layout) -> torch.Tensor:
         """``e`` [B, Hs, KV] int32: query ``i`` keeps key ``j`` iff ``j <= i < e[j]``."""
-        key = (layout.batch, layout.device)
+        key = self._cache_key(layout)
         if key not in self._cache:
             s, segments = self._candidate_scores(layout)
             b, hs, n = s.shape
             flat = None if segments is None else segments.reshape(b * hs, n)
-            e = interval_ends(s.reshape(b * hs, n), self.k, flat).reshape(b, hs, n)
+            e = _fused(interval_ends)(s.reshape(b * hs, n), self.k, flat).reshape(b, hs, n)
             self._cache = {key: e.to(torch.int32)}
         return self._cache[key]
 
@@ -246,10 +282,7 @@ class TopK(_ContentMask):
 
     def _classify(self, layout, qr, kr):
         ends = self.interval_ends(layout)
-        positions = torch.arange(ends.shape[-1], device=ends.device)
-        alive = torch.where(ends > positions, ends, torch.full_like(ends, -1))
-        _, e_max = per_block_min_max(alive, kr)
-        e_min, _ = per_block_min_max(ends, kr)
+        e_min, e_max = _fused(_interval_extents)(ends, kr.size)
         group = layout.heads // ends.shape[1]
         e_max = e_max.repeat_interleave(group, 1)[:, :, None, :]
         e_min = e_min.repeat_interleave(group, 1)[:, :, None, :]
@@ -285,7 +318,7 @@ class TopKBlocks(_ContentMask):
 
         Query block ``t`` keeps past block ``u < t`` iff ``rank[u] <= threshold[t]``.
         """
-        key = (layout.batch, layout.device)
+        key = self._cache_key(layout)
         if key not in self._cache:
             bs, nb = self.block_size, self._num_blocks(layout)
             per_key = self.scores.shape[-1] != nb
@@ -297,11 +330,7 @@ class TopKBlocks(_ContentMask):
                 lengths = self._padding.lengths.to(layout.device).view(-1, 1, 1)
                 s = s.masked_fill(torch.arange(nb, device=layout.device) * bs >= lengths, float("-inf"))
             b, hs, _ = s.shape
-            rank = _rank_keys(s.reshape(b * hs, nb), None)
-            # the threshold of query block t looks at the blocks before it only
-            inclusive = prefix_kth_smallest(rank, self.k)
-            threshold = torch.cat([rank.new_full((b * hs, 1), nb), inclusive[:, :-1]], -1)
-            self._cache = {key: torch.stack([rank, threshold]).reshape(2, b, hs, nb)}
+            self._cache = {key: _fused(_block_ranks)(s.reshape(b * hs, nb), self.k).reshape(2, b, hs, nb)}
         return self._cache[key]
 
     def _mask_mod(self, layout):

@@ -25,7 +25,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Callable, Hashable
+from collections.abc import Callable, Hashable
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask
@@ -345,8 +345,8 @@ class Document(Mask):
 
     def _classify(self, layout, qr, kr):
         ids = self.ids.to(layout.device)
-        qmin, qmax = per_block_min_max(ids, qr)
-        kmin, kmax = per_block_min_max(ids, kr)
+        qmin, qmax = per_block_min_max(ids, qr.size, qr.start, qr.length)
+        kmin, kmax = per_block_min_max(ids, kr.size, kr.start, kr.length)
         qmin, qmax = qmin[:, None, :, None], qmax[:, None, :, None]
         kmin, kmax = kmin[:, None, None, :], kmax[:, None, None, :]
         any_ = (qmin <= kmax) & (kmin <= qmax)

@@ -6,19 +6,30 @@ contents (document ids, learned tables, top-k thresholds) reuse the compiled ker
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-_compiled: dict[str, Callable] = {}
+_compiled: dict[tuple[str, bool], Callable] = {}
+
+# Each mask/bias *structure* (and each shape, with static shapes) is one compiled entry of
+# flex_attention; torch's default limit of 8 entries is soon reached by a model or a benchmark that
+# uses several masks, after which it would fail (fullgraph) or fall back to the dense eager path.
+# New tensor contents never add entries.
+RECOMPILE_LIMIT = 64
 
 
-def compiled_flex(backend: str = "inductor") -> Callable:
-    """The process-wide compiled ``flex_attention`` for a ``torch.compile`` backend."""
-    if backend not in _compiled:
-        _compiled[backend] = torch.compile(flex_attention, backend=backend, fullgraph=True)
-    return _compiled[backend]
+def compiled_flex(backend: str = "inductor", dynamic: bool = False) -> Callable:
+    """The process-wide compiled ``flex_attention`` for a ``torch.compile`` backend.
+
+    ``dynamic=False`` (training, prefill): kernels specialised to each shape; automatic dynamic
+    shapes would trade them for generic ones (several times slower backward, measured on an H100).
+    ``dynamic=True`` (decoding, ``q_len < kv_len``): one kernel for every cache length.
+    """
+    if (backend, dynamic) not in _compiled:
+        _compiled[backend, dynamic] = torch.compile(flex_attention, backend=backend, fullgraph=True, dynamic=dynamic)
+    return _compiled[backend, dynamic]
 
 
 def flex(
@@ -32,8 +43,12 @@ def flex(
     compile_backend: str = "inductor",
 ) -> torch.Tensor:
     """Run flex attention; inside an outer ``torch.compile`` the raw op is traced instead."""
-    fn = flex_attention if torch.compiler.is_compiling() else compiled_flex(compile_backend)
-    return fn(
-        q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
-        enable_gqa=q.shape[1] != k.shape[1],
-    )
+    kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    if torch.compiler.is_compiling():
+        return flex_attention(q, k, v, **kwargs)
+    config = torch._dynamo.config
+    limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+    total = max(config.accumulated_recompile_limit, limit)
+    fn = compiled_flex(compile_backend, dynamic=q.shape[2] != k.shape[2])
+    with config.patch(recompile_limit=limit, accumulated_recompile_limit=total):
+        return fn(q, k, v, **kwargs)
