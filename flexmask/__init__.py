@@ -12,6 +12,7 @@ from .attention import attention
 from .bias import Bias, alibi, head_bias, key_bias, relative_bias, tensor_bias
 from .dma import DynamicMaskAttention, dynamic_bias, topk, topk_blocks
 from .masks import Mask, causal, chunked, document, full, mask, padding, prefix_lm, sliding_window
+from .plot import plot, record_masks
 
 __version__ = "0.1.0"
 
@@ -30,7 +31,9 @@ __all__ = [
     "key_bias",
     "mask",
     "padding",
+    "plot",
     "prefix_lm",
+    "record_masks",
     "relative_bias",
     "sliding_window",
     "tensor_bias",

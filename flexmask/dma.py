@@ -187,7 +187,7 @@ class _ContentMask(Mask):
             if other not in (None, 1, batch) and batch != 1:
                 raise ValueError(f"among has batch {other} but scores have batch {batch}")
             batch = max(batch, other or 1)
-        return batch, None
+        return batch, self.scores.shape[1]
 
     def _check_shapes(self, layout: Layout, length: int, what: str) -> None:
         b, hs, n = self.scores.shape

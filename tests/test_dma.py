@@ -1,0 +1,332 @@
+"""Dynamic Mask Attention: selection, numerics, gradients and the module, against independent references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import flexmask as fm
+from flexmask.dma import prefix_kth_smallest
+
+# ---------------------------------------------------------------------------------------------
+# independent references (plain loops and dense float64 math)
+
+
+def brute_topk(scores: torch.Tensor, k: int, lengths=None, ids=None) -> torch.Tensor:
+    """Dense [B, Hs, N, N] keep-map of prefix top-k, by sorting the candidates of every query."""
+    B, Hs, N = scores.shape
+    keep = torch.zeros(B, Hs, N, N, dtype=torch.bool)
+    for b in range(B):
+        for h in range(Hs):
+            s = scores[b, h].tolist()
+            for i in range(N):
+                cand = [
+                    j
+                    for j in range(i + 1)
+                    if (lengths is None or j < lengths[b]) and (ids is None or ids[b][j] == ids[b][i])
+                ]
+                cand.sort(key=lambda j: (s[j], j), reverse=True)
+                for j in cand[:k]:
+                    keep[b, h, i, j] = True
+    return keep
+
+
+def brute_topk_blocks(scores: torch.Tensor, k: int, bs: int) -> torch.Tensor:
+    """Dense keep-map of block top-k: each query block keeps its k best past blocks and its own, causal."""
+    B, Hs, N = scores.shape
+    nb = -(-N // bs)
+    keep = torch.zeros(B, Hs, N, N, dtype=torch.bool)
+    for b in range(B):
+        for h in range(Hs):
+            block_score = [max(scores[b, h, u * bs : (u + 1) * bs].tolist()) for u in range(nb)]
+            for t in range(nb):
+                past = sorted(range(t), key=lambda u: (block_score[u], u), reverse=True)[:k]
+                for i in range(t * bs, min(N, (t + 1) * bs)):
+                    for u in past:
+                        keep[b, h, i, u * bs : min(N, (u + 1) * bs)] = True
+                    keep[b, h, i, t * bs : i + 1] = True
+    return keep
+
+
+def dense_attention(q, k, v, keep, bias_keys=None, scale=None):
+    """float64 softmax attention with a dense keep map [B, Hq, Q, KV] and per-key bias [B, Hq, KV]."""
+    q, k, v = q.double(), k.double(), v.double()
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = q @ k.transpose(-1, -2) * scale
+    if bias_keys is not None:
+        s = s + bias_keys.double()[:, :, None, :]
+    s = s.masked_fill(~keep, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return p @ v
+
+
+def heads_to(t: torch.Tensor, hq: int) -> torch.Tensor:
+    return t.repeat_interleave(hq // t.shape[1], 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# selection
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 40),
+    k=st.integers(1, 45),
+    ties=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_topk_matches_prefix_topk(n, k, ties, seed):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 3, (2, 2, n), generator=g).float() if ties else torch.randn(2, 2, n, generator=g)
+    got = fm.topk(scores, k).to_dense(n, n)
+    assert torch.equal(got, brute_topk(scores, k))
+    assert torch.equal(got.sum(-1), torch.clamp(torch.arange(1, n + 1), max=k).expand(2, 2, n))
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(2, 36), k=st.integers(1, 12), seed=st.integers(0, 2**31 - 1))
+def test_topk_among_padding_and_documents(n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 4, (2, 1, n), generator=g).float()
+    lengths = torch.randint(1, n + 1, (2,), generator=g)
+    ids = torch.randint(0, 3, (2, n), generator=g).sort(-1).values
+    got = fm.topk(scores, k, among=fm.padding(lengths)).to_dense(n, n)
+    assert torch.equal(got, brute_topk(scores, k, lengths=lengths.tolist()))
+    got = fm.topk(scores, k, among=fm.document(ids) & fm.padding(lengths)).to_dense(n, n)
+    assert torch.equal(got, brute_topk(scores, k, lengths=lengths.tolist(), ids=ids.tolist()))
+
+
+def test_topk_edge_cases_and_head_broadcast():
+    n = 23
+    s = torch.randn(1, 2, n)
+    assert torch.equal(fm.topk(s, 100).to_dense(n, n), fm.causal().to_dense(n, n, heads=2))  # k >= N
+    one = fm.topk(s, 1).to_dense(n, n)[0]
+    best = [max(range(i + 1), key=lambda j, h=h: (s[0, h, j].item(), j)) for h in range(2) for i in range(n)]
+    assert one.reshape(2 * n, n).float().argmax(-1).tolist() == best
+    # constant scores: ties to the later key = sliding window
+    assert torch.equal(fm.topk(torch.zeros(1, 1, n), 5).to_dense(n, n), fm.sliding_window(5).to_dense(n, n))
+    # KV-head scores are shared by each query-head group
+    got = fm.topk(s, 4).to_dense(n, n, heads=6)
+    assert torch.equal(got, heads_to(brute_topk(s, 4), 6))
+    # queries as the last positions of the keys
+    assert torch.equal(fm.topk(s, 4).to_dense(7, n), brute_topk(s, 4)[:, :, -7:])
+
+
+def test_topk_blocks_matches_reference():
+    torch.manual_seed(3)
+    for n, k, bs in [(100, 2, 16), (64, 1, 8), (37, 3, 8), (50, 10, 16)]:
+        s = torch.randn(2, 2, n)
+        got = fm.topk_blocks(s, k, block_size=bs).to_dense(n, n)
+        assert torch.equal(got, brute_topk_blocks(s, k, bs)), (n, k, bs)
+        # one score per block gives the same selection as the per-key max
+        per_block = torch.nn.functional.pad(s, (0, -n % bs), value=float("-inf")).view(2, 2, -1, bs).amax(-1)
+        assert torch.equal(fm.topk_blocks(per_block, k, block_size=bs).to_dense(n, n), got)
+
+
+def test_prefix_kth_smallest_matches_sorting():
+    g = torch.Generator().manual_seed(0)
+    for n, k in [(1, 1), (5, 2), (64, 7), (130, 130), (257, 31)]:
+        values = torch.stack([torch.randperm(n, generator=g) for _ in range(3)])
+        got = prefix_kth_smallest(values, k)
+        for r in range(3):
+            for i in range(n):
+                prefix = sorted(values[r, : i + 1].tolist())
+                assert got[r, i].item() == (prefix[k - 1] if i + 1 >= k else n)
+
+
+@pytest.mark.parametrize("content", ["token", "block"])
+def test_dma_block_mask_consistent_with_dense(content):
+    torch.manual_seed(1)
+    n, q_len, bs = 300, 170, 32
+    s = torch.randn(2, 2, n)
+    m = fm.topk(s, 40) if content == "token" else fm.topk_blocks(s, 3, block_size=bs)
+    m = m & fm.padding(torch.tensor([n, 250]))
+    dense = m.to_dense(q_len, n, heads=4)
+    bm = m.block_mask(q_len, n, heads=4, block_size=bs)
+    nq, nk = -(-q_len // bs), -(-n // bs)
+
+    def dense_blocks(num, idx):
+        out = torch.zeros(*idx.shape[:-1], nk, dtype=torch.bool)
+        for index in torch.cartesian_prod(*[torch.arange(d) for d in idx.shape[:-1]]):
+            b, h, r = index.tolist()
+            out[b, h, r, idx[b, h, r, : num[b, h, r]].long()] = True
+        return out.expand(2, 4, nq, nk)
+
+    partial = dense_blocks(bm.kv_num_blocks, bm.kv_indices)
+    full = dense_blocks(bm.full_kv_num_blocks, bm.full_kv_indices)
+    for qb in range(nq):
+        for kb in range(nk):
+            tile = dense[:, :, qb * bs : (qb + 1) * bs, kb * bs : (kb + 1) * bs]
+            assert bool(tile.flatten(2).any(-1).le(partial[:, :, qb, kb] | full[:, :, qb, kb]).all())
+            assert bool(tile.flatten(2).all(-1).ge(full[:, :, qb, kb]).all())
+
+
+# ---------------------------------------------------------------------------------------------
+# attention numerics and gradients
+
+
+@pytest.mark.parametrize("content", ["token", "block"])
+@pytest.mark.parametrize("score_heads", ["kv", "q"])
+def test_dma_attention_matches_dense_reference(content, score_heads):
+    torch.manual_seed(5)
+    B, Hq, Hkv, n, D, w = 2, 4, 2, 150, 8, 24
+    q = torch.randn(B, Hq, n, D, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, Hkv, n, D, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, Hkv, n, D, dtype=torch.float64, requires_grad=True)
+    s = torch.randn(B, Hkv if score_heads == "kv" else Hq, n, dtype=torch.float64, requires_grad=True)
+    if content == "token":
+        mask, keep = fm.topk(s, w), heads_to(brute_topk(s.detach(), w), Hq)
+    else:
+        mask, keep = fm.topk_blocks(s, 2, block_size=16), heads_to(brute_topk_blocks(s.detach(), 2, 16), Hq)
+    out = fm.attention(q, k, v, mask=mask, bias=fm.key_bias(s))
+    ref = dense_attention(q, k, v, keep, heads_to(s, Hq))
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, s), g)
+    want = torch.autograd.grad(ref, (q, k, v, s), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_dma_float32_padding_rows():
+    torch.manual_seed(6)
+    B, H, n, D = 2, 2, 70, 16
+    q, k, v = (torch.randn(B, H, n, D) for _ in range(3))
+    s = torch.randn(B, H, n)
+    lengths = torch.tensor([70, 41])
+    out = fm.attention(q, k, v, mask=fm.topk(s, 9, among=fm.padding(lengths)), bias=fm.key_bias(s))
+    keep = brute_topk(s, 9, lengths=lengths.tolist())
+    torch.testing.assert_close(out, dense_attention(q, k, v, keep, s).float(), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# the module
+
+
+def module_parts(layer: fm.DynamicMaskAttention, x: torch.Tensor):
+    """q, k, v (with rotary) and the per-key scores, recomputed from the layer's parameters."""
+    from flexmask.dma import apply_rotary, dynamic_bias
+
+    B, n, _ = x.shape
+    d = layer.head_dim
+
+    def heads(t):
+        return t.view(B, n, -1, d).transpose(1, 2)
+
+    pos = torch.arange(n).expand(B, n)
+    q = apply_rotary(heads(layer.q_proj(x)), pos, layer.rope_theta)
+    k = apply_rotary(heads(layer.k_proj(x)), pos, layer.rope_theta)
+    v = heads(layer.v_proj(x))
+    return q, k, v, dynamic_bias(v, layer.dt_proj, layer.A, layer.bias_form)
+
+
+@pytest.mark.parametrize("form", ["exp", "linear"])
+@pytest.mark.parametrize("bias_heads", ["kv", "q"])
+def test_module_equals_composable_form(form, bias_heads):
+    torch.manual_seed(7)
+    layer = fm.DynamicMaskAttention(32, 4, 2, keep_window=6, bias_form=form, bias_heads=bias_heads).double()
+    with torch.no_grad():
+        layer.A.normal_()
+    x = torch.randn(2, 19, 32, dtype=torch.float64)
+    q, k, v, s = module_parts(layer, x)
+    out = fm.attention(q, k, v, mask=fm.topk(s, 6), bias=fm.key_bias(s))
+    expected = layer.o_proj(out.transpose(1, 2).reshape(2, 19, -1))
+    torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
+    # and the composable form against the dense reference
+    keep = heads_to(brute_topk(s.detach(), 6), 4)
+    torch.testing.assert_close(out, dense_attention(q, k, v, keep, heads_to(s, 4)), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("form", ["exp", "linear"])
+def test_zero_gate_is_sliding_window(form):
+    torch.manual_seed(8)
+    layer = fm.DynamicMaskAttention(32, 4, 2, keep_window=5, bias_form=form).double()
+    x = torch.randn(1, 17, 32, dtype=torch.float64)
+    q, k, v, _ = module_parts(layer, x)
+    window = fm.attention(q, k, v, mask=fm.sliding_window(5))
+    expected = layer.o_proj(window.transpose(1, 2).reshape(1, 17, -1))
+    torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_module_trains_and_window_covers_all():
+    torch.manual_seed(9)
+    layer = fm.DynamicMaskAttention(32, 4, 2, keep_window=4, selection="token")
+    with torch.no_grad():
+        layer.A.fill_(0.5)
+    x = torch.randn(2, 21, 32)
+    layer(x, attention_mask=torch.tensor([[1] * 21, [1] * 15 + [0] * 6])).square().mean().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+    # w >= N: plain causal attention plus the key bias
+    big = fm.DynamicMaskAttention(32, 4, 2, keep_window=64).double()
+    with torch.no_grad():
+        big.A.normal_()
+    xd = x.double()
+    q, k, v, s = module_parts(big, xd)
+    out = fm.attention(q, k, v, mask=fm.causal(), bias=fm.key_bias(s))
+    torch.testing.assert_close(big(xd), big.o_proj(out.transpose(1, 2).reshape(2, 21, -1)))
+
+
+def test_block_selection_module_runs():
+    layer = fm.DynamicMaskAttention(32, 2, keep_window=16, selection="block", block_size=8)
+    y = layer(torch.randn(1, 40, 32))
+    assert y.shape == (1, 40, 32) and torch.isfinite(y).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# compile reuse and errors
+
+
+def test_new_scores_reuse_the_compiled_kernel():
+    from torch._dynamo.utils import counters
+
+    from flexmask.attention import cached_block_mask, lower_score
+    from flexmask.backends.flex import flex
+    from flexmask.blocks import Layout
+
+    torch._dynamo.reset()
+    counters.clear()
+    layout = Layout(1, 2, 64, 64, torch.device("cpu"))
+    q = torch.randn(1, 2, 64, 16)
+    for step in range(4):
+        s = torch.randn(1, 2, 64)
+        mask = fm.topk(s, 8 + 0 * step)
+        bm = cached_block_mask(mask, layout, block_size=16)
+        flex(q, q, q, lower_score(fm.key_bias(s), None, layout), bm, 0.25, compile_backend="eager")
+    assert counters["stats"]["unique_graphs"] == 1
+    # a structural change (another k changes nothing compiled; another mask kind does)
+    bm = cached_block_mask(fm.topk_blocks(torch.randn(1, 2, 64), 2, block_size=16), layout, block_size=16)
+    flex(q, q, q, None, bm, 0.25, compile_backend="eager")
+    assert counters["stats"]["unique_graphs"] == 2
+
+
+def test_dma_errors():
+    s = torch.randn(1, 2, 10)
+    q = torch.randn(1, 4, 10, 8)
+    with pytest.raises(ValueError, match="scores must be a floating tensor"):
+        fm.topk(torch.randn(2, 10), 3)
+    with pytest.raises(TypeError, match="scores must be a tensor"):
+        fm.topk([1.0, 2.0], 3)
+    with pytest.raises(ValueError, match="k must be a positive int"):
+        fm.topk(s, 0)
+    with pytest.raises(ValueError, match="among must be built from"):
+        fm.topk(s, 3, among=fm.sliding_window(4))
+    with pytest.raises(ValueError, match="scores have length 10, expected kv_len=12"):
+        fm.attention(q, torch.randn(1, 2, 12, 8), torch.randn(1, 2, 12, 8), mask=fm.topk(s, 3))
+    with pytest.raises(ValueError, match="must divide the 4 query heads"):
+        fm.topk(torch.randn(1, 3, 10), 3).to_dense(10, 10, heads=4)
+    with pytest.raises(ValueError, match="contiguous"):
+        fm.topk(s, 3, among=fm.document(torch.tensor([[0, 0, 1, 1, 0, 0, 2, 2, 2, 2]]))).to_dense(10, 10)
+    with pytest.raises(ValueError, match="one per block of 4"):
+        fm.topk_blocks(torch.randn(1, 1, 5), 1, block_size=4).to_dense(10, 10)
+    with pytest.raises(ValueError, match="right padding"):
+        fm.DynamicMaskAttention(16, 2, keep_window=4)(torch.randn(1, 4, 16), attention_mask=torch.tensor([[0, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="selection must be"):
+        fm.DynamicMaskAttention(16, 2, selection="tokens")

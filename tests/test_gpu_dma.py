@@ -1,0 +1,74 @@
+"""DMA on a CUDA GPU: bf16 numerics and gradients vs float64, kernel reuse across new scores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_dma import brute_topk_blocks, dense_attention, heads_to
+
+import flexmask as fm
+
+pytestmark = pytest.mark.gpu
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def interval_keep(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Dense prefix top-k keep map on the GPU via a sort of each prefix (independent of flexmask)."""
+    B, H, n = scores.shape
+    keep = torch.zeros(B, H, n, n, dtype=torch.bool, device=scores.device)
+    pos = torch.arange(n, device=scores.device)
+    for i in range(n):
+        key = torch.where(pos <= i, scores.double() + pos * 1e-9, torch.full_like(scores.double(), -torch.inf))
+        top = key.topk(min(k, i + 1), dim=-1).indices
+        keep[:, :, i].scatter_(-1, top, True)
+    return keep
+
+
+@pytest.mark.parametrize("content", ["token", "block"])
+def test_dma_bf16_matches_float64(content):
+    torch.manual_seed(0)
+    B, Hq, Hkv, n, D, w = 1, 4, 2, 1000, 64, 256
+    dev = "cuda"
+    q = torch.randn(B, Hq, n, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(B, Hkv, n, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(B, Hkv, n, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    s = torch.randn(B, Hkv, n, device=dev, requires_grad=True)
+    if content == "token":
+        mask, keep = fm.topk(s, w), interval_keep(s.detach(), w)
+    else:
+        mask, keep = fm.topk_blocks(s, 2), brute_topk_blocks(s.detach().cpu(), 2, 128).to(dev)
+    out = fm.attention(q, k, v, mask=mask, bias=fm.key_bias(s))
+    ref = dense_attention(q, k, v, heads_to(keep, Hq), heads_to(s, Hq))
+    assert rel_err(out, ref) < 1e-2
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, s), g)
+    want = torch.autograd.grad(ref, (q, k, v, s), g.double())
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 2e-2
+
+
+def test_new_scores_do_not_recompile_on_gpu():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    q = torch.randn(1, 4, 512, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 2, 512, 64, device="cuda", dtype=torch.bfloat16)
+    for _ in range(5):
+        s = torch.randn(1, 2, 512, device="cuda")
+        fm.attention(q, k, k, mask=fm.topk(s, 128), bias=fm.key_bias(s))
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_module_on_gpu_trains():
+    torch.manual_seed(1)
+    layer = fm.DynamicMaskAttention(256, 4, 2, keep_window=128).cuda().to(torch.bfloat16)
+    with torch.no_grad():
+        layer.A.fill_(0.3)
+    x = torch.randn(2, 700, 256, device="cuda", dtype=torch.bfloat16)
+    layer(x).float().square().mean().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
