@@ -190,7 +190,7 @@ def test_dma_attention_matches_dense_reference(content, score_heads):
     g = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v, s), g)
     want = torch.autograd.grad(ref, (q, k, v, s), g)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
@@ -327,6 +327,7 @@ def test_dma_errors():
     with pytest.raises(ValueError, match="one per block of 4"):
         fm.topk_blocks(torch.randn(1, 1, 5), 1, block_size=4).to_dense(10, 10)
     with pytest.raises(ValueError, match="right padding"):
-        fm.DynamicMaskAttention(16, 2, keep_window=4)(torch.randn(1, 4, 16), attention_mask=torch.tensor([[0, 1, 1, 1]]))
+        layer = fm.DynamicMaskAttention(16, 2, keep_window=4)
+        layer(torch.randn(1, 4, 16), attention_mask=torch.tensor([[0, 1, 1, 1]]))
     with pytest.raises(ValueError, match="selection must be"):
         fm.DynamicMaskAttention(16, 2, selection="tokens")

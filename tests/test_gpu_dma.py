@@ -46,7 +46,7 @@ def test_dma_bf16_matches_float64(content):
     g = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v, s), g)
     want = torch.autograd.grad(ref, (q, k, v, s), g.double())
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         assert rel_err(a, b) < 2e-2
 
 
