@@ -337,8 +337,9 @@ def plot(
     Args:
         mask: a flexmask mask, or a bool tensor ``[Q, KV]``, ``[H, Q, KV]`` or ``[B, H, Q, KV]``
             (True = kept); a tensor larger than ``max_cells`` is pooled into blocks.
-        q_len, kv_len: lengths to draw a mask at (``kv_len`` defaults to ``q_len``); queries are
-            the last ``q_len`` of the ``kv_len`` positions. Taken from a tensor's shape.
+        q_len: query length to draw a mask at; queries are the last ``q_len`` of the ``kv_len``
+            positions. Taken from a tensor's shape.
+        kv_len: key length (defaults to ``q_len``).
         heads: number of heads (panels ``0 .. heads-1``) or a sequence of head indices; default:
             the mask's own heads, else one.
         batch_index: which batch row to draw, for masks holding per-row tensors.
@@ -501,8 +502,12 @@ def attention_map(
     equals ``fm.attention(q, k, v, ...)`` (with ``v`` repeated over query-head groups for GQA).
 
     Args:
-        q: ``[B, Hq, Q, D]``; k: ``[B, Hkv, KV, D]`` (``Hq`` a multiple of ``Hkv``).
-        mask, bias, scale, softcap: as for :func:`flexmask.attention`.
+        q: ``[B, Hq, Q, D]``.
+        k: ``[B, Hkv, KV, D]`` (``Hq`` a multiple of ``Hkv``).
+        mask: as for :func:`flexmask.attention`.
+        bias: as for :func:`flexmask.attention`.
+        scale: as for :func:`flexmask.attention`.
+        softcap: as for :func:`flexmask.attention`.
         max_cells: cap on ``B · Hq · Q · KV``; this is a dense tool for small inputs.
 
     Returns:
