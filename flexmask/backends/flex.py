@@ -49,6 +49,8 @@ def flex(
     config = torch._dynamo.config
     limit = max(config.recompile_limit, RECOMPILE_LIMIT)
     total = max(config.accumulated_recompile_limit, limit)
-    fn = compiled_flex(compile_backend, dynamic=q.shape[2] != k.shape[2])
+    # Dynamic shapes only on CUDA: torch 2.13's CPU inductor flex kernel fails to build with them
+    # (C++ codegen error `cur_kvSplitSize7`, or "unbacked_bindings" with captured tensors) for q_len < kv_len.
+    fn = compiled_flex(compile_backend, dynamic=q.is_cuda and q.shape[2] != k.shape[2])
     with config.patch(recompile_limit=limit, accumulated_recompile_limit=total):
         return fn(q, k, v, **kwargs)
