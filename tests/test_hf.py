@@ -1,0 +1,417 @@
+"""flexmask inside models: transformers' Llama, Qwen3 and Doge through ``flexmask.hf.apply`` and
+``to_dma``, and plain SDPA calls through ``route_sdpa``. Tiny models built from configs (no downloads).
+
+References are the models' own implementations: SDPA for Llama/Qwen3, eager for Doge (transformers'
+DMA), and ``F.scaled_dot_product_attention`` with an explicit dense mask for ``route_sdpa``.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+
+import flexmask as fm  # noqa: E402
+from flexmask import hf  # noqa: E402
+
+V = 128  # vocabulary
+needs_topk = pytest.mark.skipif(not hasattr(fm, "topk"), reason="flexmask.topk (flexmask/dma.py) is not there yet")
+
+
+@pytest.fixture
+def gen(request) -> torch.Generator:
+    """A CPU generator seeded from the test's id (the same draws on every run)."""
+    g = torch.Generator()
+    g.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    return g
+
+
+def llama(dtype=torch.float32, layers=2):
+    cfg = transformers.LlamaConfig(
+        vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa",
+    )
+    return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def qwen3(dtype=torch.float32, sliding=None, layers=4):
+    extra = {}
+    if sliding is not None:  # layers 1 and 3 use a sliding window
+        extra = dict(
+            use_sliding_window=True, sliding_window=sliding, max_window_layers=layers,
+            layer_types=["full_attention", "sliding_attention"] * (layers // 2),
+        )
+    cfg = transformers.Qwen3Config(
+        vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, attn_implementation="sdpa", **extra,
+    )
+    return transformers.Qwen3ForCausalLM(cfg).to(dtype).eval()
+
+
+def doge(keep_window, dtype=torch.float32, gen=None):
+    cfg = transformers.DogeConfig(
+        vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, keep_window_size=keep_window, attn_implementation="eager",
+    )
+    model = transformers.DogeForCausalLM(cfg).to(dtype).eval()
+    with torch.no_grad():  # a trained-looking gate: A != 0, so the dynamic scores differ per key
+        for layer in model.model.layers:
+            layer.self_attn.A.copy_(torch.randn(layer.self_attn.A.shape, generator=gen))
+            layer.self_attn.dt_proj.weight.copy_(0.5 * torch.randn(layer.self_attn.dt_proj.weight.shape, generator=gen))
+    return model
+
+
+def distinct_tokens(batch, n, gen):
+    """Token ids without repeats in a row: Doge's first-layer dynamic scores then have no ties."""
+    return torch.stack([torch.randperm(V - 1, generator=gen)[:n] + 1 for _ in range(batch)])
+
+
+def left_padding(batch, n, pad):
+    am = torch.ones(batch, n, dtype=torch.long)
+    am[-1, :pad] = 0
+    return am
+
+
+PACKED = [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5]  # three sequences in one row
+
+
+def close(a, b, dtype, rows=None):
+    if rows is not None:
+        a, b = a[rows], b[rows]
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+# ---------------------------------------------------------------------------------------------
+# apply: the model's own semantics, equal to SDPA
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "qwen3-sliding"])
+def test_apply_matches_sdpa(kind, dtype, gen):
+    model = llama(dtype) if kind == "llama" else qwen3(dtype, sliding=6 if kind == "qwen3-sliding" else None)
+    ids = torch.randint(0, V, (2, 20), generator=gen)
+    am = left_padding(2, 20, 5)
+    pos = torch.tensor([PACKED, PACKED])
+
+    def run():
+        packed = model(ids, position_ids=pos, use_cache=False).logits
+        return model(ids).logits, model(ids, attention_mask=am).logits, packed
+
+    with torch.no_grad():
+        ref = run()
+        fm.hf.apply(model)
+        assert model.config._attn_implementation == "flexmask"
+        out = run()
+    close(out[0], ref[0], dtype)
+    close(out[1], ref[1], dtype, rows=am.bool())  # padded positions are garbage in both
+    close(out[2], ref[2], dtype)
+    assert (ref[2] - ref[0]).abs().max() > 1e-2  # the packing mattered
+
+
+def test_sliding_layers_are_sliding(gen):
+    """Qwen3's sliding-window layers reach flexmask as sliding_window masks, the others as causal."""
+    seen = []
+    observers = __import__("importlib").import_module("flexmask.attention").observers
+    observers.append(lambda mask, layout: seen.append(repr(mask)))
+    try:
+        model = fm.hf.apply(qwen3(sliding=6))
+        with torch.no_grad():
+            model(torch.randint(0, V, (1, 12), generator=gen))
+    finally:
+        observers.pop()
+    assert seen == ["causal()", "sliding_window(6)"] * 2
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3-sliding"])
+def test_decoding_with_cache(kind, gen):
+    model = llama(torch.float64) if kind == "llama" else qwen3(torch.float64, sliding=5)
+    ids = torch.randint(1, V, (2, 12), generator=gen)
+    am = left_padding(2, 12, 4)
+    with torch.no_grad():
+        settings = dict(attention_mask=am, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        greedy = model.generate(ids, **settings)
+        fm.hf.apply(model)
+        assert torch.equal(model.generate(ids, **settings), greedy)
+        full = model(ids).logits
+        cache = model(ids[:, :5], use_cache=True).past_key_values  # prefill 5, then 3 at once (Q < KV), then Q = 1
+        steps = [model(ids[:, 5:8], past_key_values=cache, use_cache=True).logits]
+        for t in range(8, 12):
+            steps.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+    close(torch.cat(steps, 1), full[:, 5:], torch.float64)
+
+
+@needs_topk
+def test_compile_path_is_exact(gen, monkeypatch):
+    """Under torch.compile the mask function can't be read: transformers' own function is wrapped
+    (and DMA probes it for packed sequences). Checked eagerly by making hf believe it is compiling."""
+    ids = distinct_tokens(2, 20, gen)
+    am = left_padding(2, 20, 5)
+    cases = [{}, {"attention_mask": am}, {"position_ids": torch.tensor([PACKED, PACKED]), "use_cache": False}]
+    qwen, dma = qwen3(sliding=6), doge(keep_window=5, gen=gen)
+    with torch.no_grad():
+        refs = [qwen(ids, **kw).logits for kw in cases]
+        dma_ref = dma(ids, **cases[2]).logits
+        fm.hf.apply(qwen)
+        fm.hf.apply(dma)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        for kw, ref in zip(cases, refs, strict=True):
+            close(qwen(ids, **kw).logits, ref, torch.float32, rows=am.bool() if "attention_mask" in kw else None)
+        close(dma(ids, **cases[2]).logits, dma_ref, torch.float32)
+
+
+def test_mask_per_layer_matches_qwen3_sliding_layers(gen):
+    """A layer-indexed mask on an all-global Qwen3 equals Qwen3's own alternating sliding layers (with padding)."""
+    ref_model = qwen3(torch.float64, sliding=5)
+    model = qwen3(torch.float64)
+    model.load_state_dict(ref_model.state_dict())
+    ids = torch.randint(0, V, (2, 16), generator=gen)
+    am = left_padding(2, 16, 3)
+    with torch.no_grad():
+        ref = ref_model(ids, attention_mask=am).logits
+        fm.hf.apply(model, mask=lambda i: fm.sliding_window(5) if i % 2 else None)
+        out = model(ids, attention_mask=am).logits
+    close(out, ref, torch.float64, rows=am.bool())
+
+
+def test_bias_matches_sdpa_with_dense_bias(gen):
+    """apply(bias=alibi) equals SDPA fed the same bias as a prepared 4-D float mask (causal included)."""
+    model = llama(torch.float64)
+    ids = torch.randint(0, V, (1, 16), generator=gen)
+    alibi = fm.alibi(4)
+    i = torch.arange(16)
+    dense = alibi.slopes().double()[:, None, None] * (i[None, :] - i[:, None])
+    dense = dense.masked_fill(i[None, :] > i[:, None], float("-inf"))[None]  # [1, H, Q, KV]
+    with torch.no_grad():
+        ref = model(ids, attention_mask=dense).logits
+        fm.hf.apply(model, bias=alibi)
+        out = model(ids).logits
+    close(out, ref, torch.float64)
+
+
+def test_apply_trains_and_rejects_what_it_cannot_do(gen):
+    model = fm.hf.apply(llama()).train()
+    ids = torch.randint(0, V, (2, 12), generator=gen)
+    model(ids, labels=ids).loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    with pytest.raises(TypeError, match="2-D attention_mask"):
+        model(ids, attention_mask=torch.ones(2, 1, 12, 12, dtype=torch.bool))
+    model.model.layers[0].self_attn.attention_dropout = 0.1
+    with pytest.raises(ValueError, match="dropout"):
+        model(ids)
+    with pytest.raises(TypeError, match="flexmask mask"):
+        fm.hf.apply(llama(), mask=lambda i: "causal")
+
+
+def test_key_mask_blocks_match_dense():
+    valid = torch.zeros(2, 300, dtype=torch.bool)
+    valid[0, 40:] = True
+    valid[1, :150] = True
+    m = fm.causal() & hf.KeyMask(valid)
+    dense = m.to_dense(300, 300)
+    blocks = m.block_mask(300, 300, block_size=64).to_dense()  # [B, 1, nq, nk]: 1 where a block is visited
+    visited = torch.nn.functional.pad(dense, (0, 20, 0, 20)).view(2, 1, 5, 64, 5, 64).any(-1).any(-2)
+    assert torch.equal(blocks.bool(), visited)
+
+
+# ---------------------------------------------------------------------------------------------
+# Doge: transformers' DMA through flexmask's top-k
+
+
+@needs_topk
+@pytest.mark.parametrize("case", ["plain", "left-padding", "packed"])
+def test_doge_matches_transformers(case, gen):
+    model = doge(keep_window=5, gen=gen)
+    ids = distinct_tokens(2, 20, gen)
+    kwargs = {
+        "plain": {},
+        "left-padding": {"attention_mask": left_padding(2, 20, 5)},
+        "packed": {"position_ids": torch.tensor([PACKED, PACKED]), "use_cache": False},
+    }[case]
+    rows = kwargs["attention_mask"].bool() if "attention_mask" in kwargs else None
+    with torch.no_grad():
+        ref = model(ids, **kwargs).logits  # eager: Doge's N x N dynamic mask
+        wide = doge(keep_window=64)
+        wide.load_state_dict(model.state_dict())
+        assert (wide(ids, **kwargs).logits - ref).abs().max() > 1e-2  # the top-k mattered
+        fm.hf.apply(model)
+        out = model(ids, **kwargs).logits
+    close(out, ref, torch.float32, rows=rows)
+
+
+@needs_topk
+def test_doge_decoding_with_cache(gen):
+    model = doge(keep_window=5, gen=gen)
+    ids = distinct_tokens(2, 16, gen)
+    with torch.no_grad():
+        ref = model(ids).logits
+        fm.hf.apply(model)
+        cache = model(ids[:, :6], use_cache=True).past_key_values
+        steps = [model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(6, 16)]
+    close(torch.cat(steps, 1), ref[:, 6:], torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# to_dma
+
+
+@needs_topk
+def test_to_dma_unchanged_inside_window_and_sliding_beyond(gen):
+    ids = torch.randint(1, V, (2, 16), generator=gen)
+    am = left_padding(2, 16, 3)
+    model = llama(torch.float64)
+    with torch.no_grad():
+        ref = model(ids, attention_mask=am).logits
+        fm.hf.to_dma(model, keep_window=16)
+        close(model(ids, attention_mask=am).logits, ref, torch.float64, rows=am.bool())
+
+        narrow, window = llama(torch.float64), llama(torch.float64)
+        window.load_state_dict(narrow.state_dict())
+        fm.hf.to_dma(narrow, keep_window=6)  # A = 0: ties go to the later keys, i.e. the sliding window
+        fm.hf.apply(window, mask=fm.sliding_window(6))
+        out = narrow(ids, attention_mask=am).logits
+        close(out, window(ids, attention_mask=am).logits, torch.float64, rows=am.bool())
+        for layer in narrow.model.layers:
+            layer.self_attn.A.fill_(1.0)
+        assert (narrow(ids, attention_mask=am).logits - out)[am.bool()].abs().max() > 1e-3
+
+
+@needs_topk
+@pytest.mark.parametrize("bias_form,bias_heads", [("exp", "kv"), ("linear", "q")])
+def test_to_dma_trains_and_round_trips(bias_form, bias_heads, gen, tmp_path):
+    model = fm.hf.to_dma(llama().train(), keep_window=6, bias_form=bias_form, bias_heads=bias_heads)
+    attn = model.model.layers[0].self_attn
+    assert attn.A.shape == (2 if bias_heads == "kv" else 4,) and not attn.A.any()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.randint(0, V, (2, 20), generator=gen)
+    for _ in range(2):  # at A = 0 dt_proj gets no gradient; after one step it does
+        opt.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+    for layer in model.model.layers:
+        for p in (layer.self_attn.A, layer.self_attn.dt_proj.weight):
+            assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+    model.save_pretrained(tmp_path)
+    loaded = fm.hf.load_dma(transformers.LlamaForCausalLM, tmp_path)
+    assert loaded.config.flexmask_dma == {"keep_window": 6, "bias_form": bias_form, "bias_heads": bias_heads}
+    assert torch.equal(loaded.model.layers[1].self_attn.A, model.model.layers[1].self_attn.A)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(ids).logits, model.eval()(ids).logits)
+
+
+# ---------------------------------------------------------------------------------------------
+# route_sdpa
+
+
+def test_route_sdpa_matches_sdpa(gen):
+    q, k, v = (torch.randn(2, 4, 40, 16, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = fm.sliding_window(8) | fm.prefix_lm(4)
+    with hf.route_sdpa():
+        plain = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    close(plain, F.scaled_dot_product_attention(q, k, v, is_causal=True), torch.float64)
+
+    with hf.route_sdpa(mask=mask):
+        routed = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    dense = (fm.causal() & mask).to_dense(40, 40)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+    close(routed, ref, torch.float64)
+    g_routed = torch.autograd.grad(routed.sum(), (q, k, v))
+    g_ref = torch.autograd.grad(ref.sum(), (q, k, v))
+    for a, b in zip(g_routed, g_ref, strict=True):
+        close(a, b, torch.float64)
+
+    keep = torch.rand(2, 1, 40, 40, generator=gen) > 0.3
+    keep[..., 0] = True  # no fully masked rows (SDPA gives NaN there, flexmask zeros)
+    with hf.route_sdpa(mask=fm.causal()):
+        both = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        added = F.scaled_dot_product_attention(q, k, v, attn_mask=torch.zeros(40, 40, dtype=torch.float64))
+    close(both, F.scaled_dot_product_attention(q, k, v, attn_mask=keep & fm.causal().to_dense(40, 40)), torch.float64)
+    close(added, F.scaled_dot_product_attention(q, k, v, is_causal=True), torch.float64)
+
+    q1 = torch.randn(3, 10, 8, generator=gen)  # [B, L, E]; and queries fewer than keys
+    kv = torch.randn(3, 30, 8, generator=gen)
+    with hf.route_sdpa(mask=fm.causal()):
+        out = F.scaled_dot_product_attention(q1, kv, kv)
+    close(out, F.scaled_dot_product_attention(q1, kv, kv, attn_mask=fm.causal().to_dense(10, 30)[0, 0]), torch.float32)
+
+
+def test_route_sdpa_errors(gen):
+    q = torch.randn(1, 2, 8, 4, generator=gen)
+    k = torch.randn(1, 2, 12, 4, generator=gen)
+    with hf.route_sdpa():
+        with pytest.raises(ValueError, match="dropout"):
+            F.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
+        with pytest.raises(ValueError, match="L=8 != S=12"):
+            F.scaled_dot_product_attention(q, k, k, is_causal=True)
+        with pytest.raises(TypeError, match="bool or floating"):
+            F.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(8, 8, dtype=torch.long))
+        with pytest.raises(ValueError, match="does not broadcast"):
+            F.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(3, 8, dtype=torch.bool))
+    with pytest.raises(TypeError):
+        hf.route_sdpa(mask=torch.ones(8, 8, dtype=torch.bool))
+
+
+def test_route_sdpa_gpt_block_example():
+    """The example's model, routed with a sparse mask, equals the same model fed the dense mask."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "examples" / "gpt_block.py"
+    spec = importlib.util.spec_from_file_location("gpt_block", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    torch.manual_seed(0)
+    model = example.GPT(dim=32, layers=2, max_len=64).eval()
+    idx = torch.randint(0, 256, (2, 64))
+    mask = fm.causal() & (fm.sliding_window(8) | fm.prefix_lm(4))
+    with torch.no_grad():
+        with hf.route_sdpa(mask=mask):
+            routed = model(idx)
+        ref = model(idx, attn_mask=mask.to_dense(64, 64))
+    close(routed, ref, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: compiled FlexAttention inside transformers models
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_compiled_model_close_to_sdpa():
+    torch.manual_seed(0)
+    model = llama(layers=2).to("cuda", torch.bfloat16)
+    ids = torch.randint(0, V, (2, 256), device="cuda")
+    with torch.no_grad():
+        ref = model(ids).logits.float()
+        fm.hf.apply(model)
+        out = torch.compile(model)(ids).logits.float()
+    assert (out - ref).norm() / ref.norm() < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_no_graph_breaks_in_attention():
+    model = fm.hf.apply(llama(layers=2).to("cuda", torch.bfloat16))
+    ids = torch.randint(0, V, (2, 256), device="cuda")
+    with torch.no_grad():
+        explain = torch._dynamo.explain(model)(ids)
+    reasons = [str(r.reason)[:300] for r in explain.break_reasons]
+    print(f"dynamo explain: {explain.graph_count} graphs, {explain.graph_break_count} graph breaks", reasons)
+    assert explain.graph_break_count == 0, reasons
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_generate_equals_sdpa():
+    torch.manual_seed(0)
+    model = llama(layers=2).to("cuda", torch.float32)
+    ids = torch.randint(1, V, (2, 64), device="cuda")
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=0)
+        fm.hf.apply(model)
+        out = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, ref)
