@@ -115,7 +115,17 @@ class ModelMask:
         structured: whether ``mask`` was rebuilt from flexmask's structured masks (``causal``,
             ``sliding_window``, ``document``) or wraps transformers' mask function (under
             ``torch.compile`` and for patterns flexmask does not recognise).
+        aligned: whether the queries are the last positions of the keys (false for a static
+            cache, whose empty slots follow them).
+
+    ``generate`` with a static cache builds the mask ahead and hands it to the model as an
+    "already prepared" mask: ``ndim``/``contiguous`` let it pass, and the mask interface returns it.
     """
+
+    ndim = 4
+
+    def contiguous(self) -> ModelMask:
+        return self
 
     def __init__(
         self,
@@ -127,11 +137,12 @@ class ModelMask:
         documents: torch.Tensor | None = None,
         window: int | None = None,
         structured: bool = True,
+        aligned: bool = True,
         probe: Callable[[], torch.Tensor | None] | None = None,
     ):
         self.mask, self.q_length, self.kv_length = mask, q_length, kv_length
         self.valid, self.documents, self.window = valid, documents, window
-        self.structured = structured
+        self.structured, self.aligned = structured, aligned
         self._probe = probe
         self._combined: dict[int, tuple[Any, Mask | None]] = {}
 
@@ -187,6 +198,8 @@ def model_mask(
     structured masks (cheap ``BlockMask``); under compile, or for patterns it does not know, it is
     wrapped as it is (``fm.mask``), which is always exact.
     """
+    if isinstance(attention_mask, ModelMask):  # prepared ahead by generate (static cache)
+        return attention_mask
     if mask_function is None:
         from transformers.masking_utils import causal_mask_function as mask_function
     compiling = torch.compiler.is_compiling()
@@ -235,6 +248,7 @@ def model_mask(
         valid=valid,
         window=local_size,
         structured=False,
+        aligned=aligned,
         probe=probe,
     )
 
@@ -410,6 +424,8 @@ def attention_forward(
 
 def _dma_selection(scores: torch.Tensor, keep_window: int, model: ModelMask) -> Mask | None:
     """The top-``keep_window`` selection of DMA given the model's mask, or ``None`` when it keeps everything."""
+    if not model.aligned:
+        raise NotImplementedError("DMA with a static cache (queries not the last keys) is not supported")
     if scores.shape[-1] <= keep_window:
         return None  # every candidate is kept
     if model.window is not None:

@@ -135,8 +135,10 @@ def test_decoding_with_cache(kind, gen):
     with torch.no_grad():
         settings = dict(attention_mask=am, max_new_tokens=8, do_sample=False, pad_token_id=0)
         greedy = model.generate(ids, **settings)
+        static = model.generate(ids, cache_implementation="static", **settings)  # mask prepared by generate
         fm.hf.apply(model)
         assert torch.equal(model.generate(ids, **settings), greedy)
+        assert torch.equal(model.generate(ids, cache_implementation="static", **settings), static)
         full = model(ids).logits
         cache = model(ids[:, :5], use_cache=True).past_key_values  # prefill 5, then 3 at once (Q < KV), then Q = 1
         steps = [model(ids[:, 5:8], past_key_values=cache, use_cache=True).logits]
@@ -284,6 +286,8 @@ def test_to_dma_unchanged_inside_window_and_sliding_beyond(gen):
 @pytest.mark.parametrize("bias_form,bias_heads", [("exp", "kv"), ("linear", "q")])
 def test_to_dma_trains_and_round_trips(bias_form, bias_heads, gen, tmp_path):
     model = fm.hf.to_dma(llama().train(), keep_window=6, bias_form=bias_form, bias_heads=bias_heads)
+    with pytest.raises(NotImplementedError, match="static cache"):
+        model.generate(torch.ones(1, 8, dtype=torch.long), max_new_tokens=3, cache_implementation="static")
     attn = model.model.layers[0].self_attn
     assert attn.A.shape == (2 if bias_heads == "kv" else 4,) and not attn.A.any()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
