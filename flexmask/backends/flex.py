@@ -41,8 +41,12 @@ def flex(
     scale: float | None,
     *,
     compile_backend: str = "inductor",
+    dynamic: bool | None = None,
 ) -> torch.Tensor:
-    """Run flex attention; inside an outer ``torch.compile`` the raw op is traced instead."""
+    """Run flex attention; inside an outer ``torch.compile`` the raw op is traced instead.
+
+    ``dynamic=None`` picks a dynamic-shape kernel for CUDA decoding (``q_len < kv_len``) only.
+    """
     kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     if torch.compiler.is_compiling():
         return flex_attention(q, k, v, **kwargs)
@@ -51,6 +55,8 @@ def flex(
     total = max(config.accumulated_recompile_limit, limit)
     # Dynamic shapes only on CUDA: torch 2.13's CPU inductor flex kernel fails to build with them
     # (C++ codegen error `cur_kvSplitSize7`, or "unbacked_bindings" with captured tensors) for q_len < kv_len.
-    fn = compiled_flex(compile_backend, dynamic=q.is_cuda and q.shape[2] != k.shape[2])
+    if dynamic is None:
+        dynamic = q.is_cuda and q.shape[2] != k.shape[2]
+    fn = compiled_flex(compile_backend, dynamic=dynamic)
     with config.patch(recompile_limit=limit, accumulated_recompile_limit=total):
         return fn(q, k, v, **kwargs)

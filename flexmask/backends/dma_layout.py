@@ -1,0 +1,208 @@
+"""A key layout that makes exact token-level DMA skip work in FlexAttention.
+
+With scattered scores almost every causal (query block, key block) pair holds a few kept keys,
+so plain flex evaluates the mask nearly everywhere. Here the keys are *copied* into a layout where
+the keys each query block needs are a few contiguous runs:
+
+* copy 0 is the natural order (each query block's own diagonal block);
+* copy ``l + 1`` (a Fenwick level): positions are cut into segments of ``block · 2^l``; every even
+  segment ``m`` serves the query blocks ``t`` with ``t >> l == m + 1`` (the dyadic decomposition
+  of ``[0, t · block)``), and holds only the keys of the segment that are ever kept, sorted by
+  interval end, latest first. The keys query block ``t`` needs from it (``e_j > t · block``) are
+  a prefix of its segment, and those it needs for every one of its queries form a shorter prefix
+  whose blocks are *full* (no mask evaluated).
+
+The ``mask_mod`` over layout index ``x`` is exact on its own: the copy serves query block
+``q // block`` and ``j <= q < e_j``. Gradients of the copies flow back through the gathers.
+Memory: ``O(N log N)`` integers and the copied keys and values (dead keys are not copied).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..blocks import from_block_states
+
+
+def plan(ends: torch.Tensor, block: int) -> dict[str, torch.Tensor | int]:
+    """The layout for interval ends ``ends`` [R, N] (int64): indices and block maps.
+
+    Returns ``orig``, ``serve_lo``, ``serve_hi`` (``[R, M]`` int64: the key each layout entry
+    copies and the query blocks it serves; unused entries serve none), ``any_``/``all_``
+    (``[R, nq, ceil(M / block)]`` block maps) and ``length`` ``M``, which depends on ``N`` and
+    ``block`` only.
+    """
+    rows, n = ends.shape
+    dev = ends.device
+    shift = block.bit_length() - 1
+    nq = -(-n // block)
+    pos = torch.arange(n, device=dev)
+    alive = ends > pos
+    big = n * (n + 2)
+
+    orig_parts, lo_parts, hi_parts = [pos.expand(rows, n)], [(pos >> shift).expand(rows, n)], []
+    hi_parts.append(lo_parts[0] + 1)
+    plans = []  # per level: (offset, comp_sorted, level)
+    offset = n
+    level = 0
+    while (1 << level) < nq:
+        # Each level's width is its capacity, which depends on (N, block) only: the shapes never
+        # change with the scores, so nothing recompiles and the whole plan compiles to few kernels.
+        width = _level_capacity(n, block, level)
+        seg = pos >> (shift + level)
+        use = alive & (seg % 2 == 0) & (((seg + 1) << level) < nq)
+        comp = torch.where(use, seg * (n + 1) + (n - ends), torch.full_like(ends, big))
+        comp, order = torch.sort(comp, dim=-1, stable=True)
+        comp, order = comp[:, :width].contiguous(), order[:, :width]
+        valid = comp < big
+        seg_sorted = order >> (shift + level)
+        zero = torch.zeros_like(order)
+        orig_parts.append(torch.where(valid, order, zero))
+        lo_parts.append(torch.where(valid, (seg_sorted + 1) << level, zero))
+        hi_parts.append(torch.where(valid, (seg_sorted + 2) << level, zero))
+        plans.append((offset, comp, level))
+        offset += width
+        level += 1
+    length = offset
+    nkb = -(-length // block)
+
+    # block maps: difference arrays over layout blocks, one row per query block
+    t = torch.arange(nq, device=dev)
+    any_d = torch.zeros(rows, nq, nkb + 1, dtype=torch.int32, device=dev)
+    all_d = torch.zeros_like(any_d)
+    diag = t.expand(rows, nq)
+    _mark(any_d, diag, diag + 1)
+    last = torch.clamp((t + 1) * block, max=n) - 1  # last query of each block
+    for off, comp, lvl in plans:
+        has = ((t >> lvl) & 1) == 1
+        m = torch.clamp((t >> lvl) - 1, min=0)
+        base = m * (n + 1)
+        start = torch.searchsorted(comp, base.expand(rows, nq).contiguous())
+        end = torch.searchsorted(comp, (base + n - t * block).expand(rows, nq).contiguous())
+        full_end = torch.searchsorted(comp, (base + n - last).expand(rows, nq).contiguous())
+        start, end, full_end = start + off, end + off, full_end + off
+        lo_blk, hi_blk = start // block, -(-end // block)
+        _mark(any_d, torch.where(has & (end > start), lo_blk, 0), torch.where(has & (end > start), hi_blk, 0))
+        f_lo, f_hi = -(-start // block), full_end // block
+        ok = has & (f_hi > f_lo)
+        _mark(all_d, torch.where(ok, f_lo, 0), torch.where(ok, f_hi, 0))
+    any_ = any_d.cumsum(-1)[..., :nkb] > 0
+    all_ = all_d.cumsum(-1)[..., :nkb] > 0
+    return {
+        "orig": torch.cat(orig_parts, -1),
+        "serve_lo": torch.cat(lo_parts, -1),
+        "serve_hi": torch.cat(hi_parts, -1),
+        "any_": any_,
+        "all_": all_,
+        "length": length,
+    }
+
+
+def _compiled_plan(ends: torch.Tensor, block: int) -> dict:
+    """:func:`plan`, compiled into a few kernels on CUDA (its shapes depend on N and block only)."""
+    if not ends.is_cuda or torch.compiler.is_compiling():
+        return plan(ends, block)
+    global _plan_compiled
+    if _plan_compiled is None:
+        _plan_compiled = torch.compile(plan, dynamic=False)
+    return _plan_compiled(ends, block)
+
+
+_plan_compiled = None
+
+
+def _level_capacity(n: int, block: int, level: int) -> int:
+    """How many positions lie in the segments that level ``level`` serves (an upper bound of its width)."""
+    nq = -(-n // block)
+    size = block << level
+    total = 0
+    for m in range(0, -(-n // size), 2):
+        if ((m + 1) << level) < nq:
+            total += min(n, (m + 1) * size) - m * size
+    return total
+
+
+def _mark(diff: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
+    """Add the ranges ``[lo, hi)`` (per row and query block) to a difference array."""
+    one = torch.ones_like(lo, dtype=diff.dtype)
+    diff.scatter_add_(-1, lo[..., None], one[..., None])
+    diff.scatter_add_(-1, hi[..., None], -one[..., None])
+
+
+# Set to False to run token-level top-k masks through the plain interval BlockMask instead.
+ENABLED = True
+BLOCK = 128
+
+
+def applies(mask, bias, softcap, layout, k: torch.Tensor) -> bool:
+    """Whether ``fm.attention`` can run this call through the layout: a lone ``fm.topk`` mask
+    (no ``among``), self-attention (``q_len == kv_len``), scores per KV head (or one head), and
+    no bias other than one ``fm.key_bias`` with the scores' shape."""
+    from ..bias import KeyBias
+    from ..dma import TopK
+
+    if not ENABLED or type(mask) is not TopK or mask.among is not None or softcap is not None:
+        return False
+    hs = mask.scores.shape[1]
+    if layout.q_len != layout.kv_len or hs not in (1, k.shape[1]):
+        return False
+    return bias is None or (isinstance(bias, KeyBias) and bias.t.shape[1:] == mask.scores.shape[1:])
+
+
+def layout_attention(q, k, v, mask, bias, scale: float, layout) -> torch.Tensor:
+    """Exact DMA attention through the layout (see :func:`applies`). Returns ``[B, Hq, N, Dv]``."""
+    from .flex import flex
+
+    B, Hq, n, _ = q.shape
+    Hkv = k.shape[1]
+    state = mask.cached(("layout", BLOCK, Hq), layout, lambda: _prepare(mask, layout))
+    index = state["index"]
+
+    def copy(x):  # rows of x in layout order
+        return x.gather(2, index.expand(B, Hkv, -1)[..., None].expand(B, Hkv, -1, x.shape[-1]))
+
+    score_mod = None
+    if bias is not None:
+        bias_lay = bias.t.expand(B, *bias.t.shape[1:]).gather(2, index.expand(B, bias.t.shape[1], -1))
+        group = Hq // bias_lay.shape[1]
+
+        def key_bias_layout(score, b, h, q_idx, kv_idx):
+            return score + bias_lay[b, h // group, kv_idx]
+
+        score_mod = key_bias_layout
+    # the layout's key length differs from q_len, but its shapes are fixed: keep static kernels
+    return flex(q, copy(k), copy(v), score_mod, state["block_mask"], scale, dynamic=False)
+
+
+def _prepare(mask, layout) -> dict:
+    """Everything about the layout that depends on the scores only (cached per mask)."""
+    ends = mask.interval_ends(layout)
+    B, hs, n = ends.shape
+    p = _compiled_plan(ends.reshape(B * hs, n).long(), BLOCK)
+    m = p["length"]
+    orig = p["orig"].view(B, hs, m)
+    ends_lay = ends.long().gather(2, orig).to(torch.int32)
+    orig32 = orig.to(torch.int32)
+    lo = p["serve_lo"].view(B, hs, m).to(torch.int32)
+    hi = p["serve_hi"].view(B, hs, m).to(torch.int32)
+    group = layout.heads // hs
+    block = BLOCK
+
+    def dma_layout(b, h, q_idx, kv_idx):
+        hh = h // group
+        qb = q_idx // block
+        return (
+            (qb >= lo[b, hh, kv_idx])
+            & (qb < hi[b, hh, kv_idx])
+            & (orig32[b, hh, kv_idx] <= q_idx)
+            & (q_idx < ends_lay[b, hh, kv_idx])
+        )
+
+    nq, nkb = p["any_"].shape[-2:]
+    any_ = p["any_"].view(B, hs, nq, nkb).repeat_interleave(group, 1)
+    all_ = p["all_"].view(B, hs, nq, nkb).repeat_interleave(group, 1)
+    return {
+        "index": orig,
+        "block_mask": from_block_states(any_, all_ & any_, dma_layout, n, m, BLOCK),
+        "plan": p,
+    }
