@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 import weakref
 from collections import OrderedDict
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask
@@ -19,7 +20,7 @@ from .backends.flex import flex
 from .backends.reference import reference
 from .bias import Bias, bias_tensors
 from .blocks import Layout, build_block_mask, shift_queries
-from .masks import Mask
+from .masks import Mask, _tensors
 
 Backend = Literal["auto", "flex", "reference"]
 
@@ -79,9 +80,12 @@ def attention(
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
     if softcap is not None and (
-        isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap > 0
+        isinstance(softcap, bool)
+        or not isinstance(softcap, (int, float))
+        or not softcap > 0
+        or not math.isfinite(softcap)
     ):
-        raise ValueError(f"softcap must be a positive number, got {softcap!r}")
+        raise ValueError(f"softcap must be a positive finite number, got {softcap!r}")
     if backend == "auto":
         backend = "flex" if q.is_cuda else "reference"
     if backend not in ("flex", "reference"):
@@ -141,12 +145,16 @@ def cached_block_mask(mask: Mask, layout: Layout, block_size: int = 128) -> Bloc
         if len(_structural_cache) > _CACHE_SIZE:
             _structural_cache.popitem(last=False)
         return bm
+    # The mask's tensors may be updated in place (a persistent ids buffer refilled every step):
+    # their storage and version counters are part of the key, so the cache never serves a stale map.
+    stamp = tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in _tensors(mask))
     per_mask = _object_cache.setdefault(mask, {})
-    if key not in per_mask:
-        if len(per_mask) >= _CACHE_SIZE:
+    hit = per_mask.get(key)
+    if hit is None or hit[0] != stamp:
+        if hit is None and len(per_mask) >= _CACHE_SIZE:
             per_mask.pop(next(iter(per_mask)))
-        per_mask[key] = build_block_mask(mask, layout, block_size)
-    return per_mask[key]
+        per_mask[key] = (stamp, build_block_mask(mask, layout, block_size))
+    return per_mask[key][1]
 
 
 def _needs_grad(q, k, v, bias: Bias | None) -> bool:

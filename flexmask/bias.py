@@ -14,7 +14,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -47,7 +47,8 @@ class Bias:
     @property
     def score_mod(self) -> Callable[..., torch.Tensor]:
         """The FlexAttention ``score_mod`` ``(score, b, h, q_idx, kv_idx) -> score`` (absolute positions)."""
-        term = self._term(Layout(1, _own_heads(self), 1, 1, _device_of(self)))
+        batch, heads = _own_dims(self)
+        term = self._term(Layout(batch, heads, 1, 1, _device_of(self)))
 
         def score_mod(score, b, h, q_idx, kv_idx):
             return score + term(b, h, q_idx, kv_idx)
@@ -162,13 +163,15 @@ class KeyBias(Bias):
         self.t = t
 
     def _term(self, layout):
-        t = self.t
-        if t.shape[0] == 1 and layout.batch > 1:
-            t = t.expand(layout.batch, *t.shape[1:])
-        group = layout.heads // t.shape[1]
+        # A size-1 batch or head dimension is sliced away (read at 0 for every batch row / head),
+        # so the term also works as a standalone score_mod, whose layout does not know the sizes.
+        per_batch, per_head = self.t.shape[0] > 1, self.t.shape[1] > 1
+        t = self.t[(slice(None) if per_batch else 0, slice(None) if per_head else 0)]
+        group = max(1, layout.heads // self.t.shape[1])
 
         def key_bias(b, h, q_idx, kv_idx):
-            return t[b, h // group, kv_idx]
+            idx = ((b,) if per_batch else ()) + ((h // group,) if per_head else ())
+            return t[idx + (kv_idx,)]
 
         return key_bias
 
@@ -198,11 +201,15 @@ class TensorBias(Bias):
 
     def _term(self, layout):
         t = self.t.reshape((1,) * (4 - self.t.dim()) + tuple(self.t.shape))
-        t = t.expand(layout.batch, layout.heads, layout.q_len, layout.kv_len)
+        # Broadcast (size-1) dimensions are sliced away (read at 0 whatever the position), so the
+        # term also works as a standalone score_mod, whose layout does not know the call's sizes.
+        dims = tuple(d for d in range(4) if t.shape[d] > 1)
+        t = t[tuple(slice(None) if d in dims else 0 for d in range(4))]
         offset = torch.tensor(layout.offset, device=layout.device)
 
         def tensor_bias(b, h, q_idx, kv_idx):
-            return t[b, h, q_idx - offset, kv_idx]
+            idx = (b, h, q_idx - offset, kv_idx)
+            return t[tuple(idx[d] for d in dims)]
 
         return tensor_bias
 
@@ -327,13 +334,24 @@ def bias_tensors(bias: Bias):
                 yield value
 
 
-def _own_heads(bias: Bias) -> int:
+def _own_dims(bias: Bias) -> tuple[int, int]:
+    """(batch, query heads) implied by a bias's own parameters, for its standalone ``score_mod``.
+
+    The widest head count of the parts is taken as the query heads (so ``key_bias`` with fewer
+    heads is shared across query-head groups when summed with ``alibi(Hq)`` or a ``[Hq]`` table).
+    """
+    batch, heads = 1, 1
     for part in bias._parts():
         if isinstance(part, Alibi):
-            return part.num_heads
-        if isinstance(part, (HeadBias, RelativeBias)):
-            return part.table.shape[0]
-    return 1
+            heads = max(heads, part.num_heads)
+        elif isinstance(part, (HeadBias, RelativeBias)):
+            heads = max(heads, part.table.shape[0])
+        elif isinstance(part, KeyBias):
+            batch, heads = max(batch, part.t.shape[0]), max(heads, part.t.shape[1])
+        elif isinstance(part, TensorBias):
+            shape = (1,) * (4 - part.t.dim()) + tuple(part.t.shape)
+            batch, heads = max(batch, shape[0]), max(heads, shape[1])
+    return batch, heads
 
 
 def _device_of(bias: Bias) -> torch.device:

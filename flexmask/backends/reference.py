@@ -9,7 +9,7 @@ Computation runs in float32 (float64 for float64 inputs).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from einops import rearrange
@@ -45,7 +45,11 @@ def reference(
         if score_mod is not None:
             s = score_mod(s, b, h, qi, kv).to(compute)
         if mask_mod is not None:
-            s = s.masked_fill(~mask_mod(b, h, qi, kv), float("-inf"))
+            keep = mask_mod(b, h, qi, kv)
+            if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
+                got = keep.dtype if isinstance(keep, torch.Tensor) else type(keep).__name__
+                raise TypeError(f"a mask function must return a bool tensor, got {got}")
+            s = s.masked_fill(~keep, float("-inf"))
         row_max = s.amax(-1, keepdim=True)
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
         e = torch.exp(s - row_max)
