@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
+from .backends import dma_layout
 from .backends.flex import flex
 from .backends.reference import reference
 from .bias import Bias, bias_tensors
@@ -106,6 +107,8 @@ def attention(
             f"backend='flex' on {q.device.type} runs forward only (FlexAttention has no backward "
             "there), but an input requires grad; use backend='reference' (or 'auto') to train on CPU"
         )
+    if dma_layout.applies(mask, bias, softcap, layout, k):
+        return dma_layout.layout_attention(q, k, v, mask, bias, float(scale), layout)
     block_mask = None if mask is None else cached_block_mask(mask, layout)
     return flex(q, k, v, score_mod, block_mask, float(scale))
 

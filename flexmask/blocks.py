@@ -140,10 +140,12 @@ def from_block_states(
     q_len: int,
     kv_len: int,
     block_size: int,
+    repeat_heads: int = 1,
 ) -> BlockMask:
     """A ``BlockMask`` whose full blocks are ``all_`` and partial blocks ``any_ & ~all_``.
 
     On CUDA the index tensors come from one ``torch.compile``d function (a handful of kernels).
+    ``repeat_heads`` repeats each head's maps for a group of query heads (GQA) after ordering.
     """
     global _compiled_block_tensors
     fn = _block_tensors
@@ -151,7 +153,10 @@ def from_block_states(
         if _compiled_block_tensors is None:
             _compiled_block_tensors = torch.compile(_block_tensors, dynamic=False)
         fn = _compiled_block_tensors
-    kv_num, kv_idx, full_num, full_idx, q_num, q_idx, full_q_num, full_q_idx = fn(any_, all_)
+    tensors = fn(any_, all_)
+    if repeat_heads > 1:
+        tensors = [t.repeat_interleave(repeat_heads, 1) for t in tensors]
+    kv_num, kv_idx, full_num, full_idx, q_num, q_idx, full_q_num, full_q_idx = tensors
     return BlockMask(
         (q_len, kv_len),
         kv_num,

@@ -228,6 +228,13 @@ class _ContentMask(Mask):
         # scores updated in place must not reuse a stale selection
         return (layout.batch, layout.device, self.scores.data_ptr(), self.scores._version)
 
+    def cached(self, name, layout: Layout, compute):
+        """``compute()`` once per (name, layout, score contents) — for backends' derived state."""
+        key = (name, *self._cache_key(layout))
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
     def _with_among(self, layout, fn):
         if self.among is None:
             return fn
@@ -265,7 +272,7 @@ class TopK(_ContentMask):
             b, hs, n = s.shape
             flat = None if segments is None else segments.reshape(b * hs, n)
             e = _fused(interval_ends)(s.reshape(b * hs, n), self.k, flat).reshape(b, hs, n)
-            self._cache = {key: e.to(torch.int32)}
+            self._cache = {key: e.to(torch.int32)}  # new scores: drop everything derived from old ones
         return self._cache[key]
 
     def _check(self, layout):

@@ -57,7 +57,7 @@ def plan(ends: torch.Tensor, block: int) -> dict[str, torch.Tensor | int]:
         valid = comp < big
         seg_sorted = order >> (shift + level)
         zero = torch.zeros_like(order)
-        orig_parts.append(torch.where(valid, order, zero))
+        orig_parts.append(order)  # unused entries keep distinct rows (cheap gather backward)
         lo_parts.append(torch.where(valid, (seg_sorted + 1) << level, zero))
         hi_parts.append(torch.where(valid, (seg_sorted + 2) << level, zero))
         plans.append((offset, comp, level))
@@ -199,10 +199,10 @@ def _prepare(mask, layout) -> dict:
         )
 
     nq, nkb = p["any_"].shape[-2:]
-    any_ = p["any_"].view(B, hs, nq, nkb).repeat_interleave(group, 1)
-    all_ = p["all_"].view(B, hs, nq, nkb).repeat_interleave(group, 1)
+    any_ = p["any_"].view(B, hs, nq, nkb)
+    all_ = p["all_"].view(B, hs, nq, nkb)
     return {
         "index": orig,
-        "block_mask": from_block_states(any_, all_ & any_, dma_layout, n, m, BLOCK),
+        "block_mask": from_block_states(any_, all_ & any_, dma_layout, n, m, BLOCK, repeat_heads=group),
         "plan": p,
     }
