@@ -354,6 +354,11 @@ class TopKBlocks(_ContentMask):
         return self._with_among(layout, topk_blocks)
 
     def _classify(self, layout, qr, kr):
+        if qr.size != self.block_size or layout.offset % self.block_size:
+            # selection grid and BlockMask grid differ: classify by evaluating the mask blockwise
+            from .masks import _classify_densely
+
+            return _classify_densely(self._mask_mod(layout), layout, qr, kr)
         sel = self.block_selection(layout)
         group = layout.heads // sel.shape[2]
         rank = sel[0].repeat_interleave(group, 1)  # [B, Hq, nb]
