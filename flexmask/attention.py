@@ -134,8 +134,11 @@ def cached_block_mask(mask: Mask, layout: Layout, block_size: int = 128) -> Bloc
     """The mask's ``BlockMask`` for ``layout``, built once per (expression, shapes, device).
 
     Tensor-free expressions are cached by structure; masks holding tensors by identity, for as
-    long as the mask object lives.
+    long as the mask object lives. Inside an outer ``torch.compile`` (a compiled model) the build is
+    traced into the graph instead: a module-level cache cannot be replayed by dynamo.
     """
+    if torch.compiler.is_compiling():
+        return build_block_mask(mask, layout, block_size)
     key = (layout, block_size)
     structural = mask._key()
     if structural is not None:

@@ -89,14 +89,16 @@ def per_block_min_max(x: torch.Tensor, block_size: int, start: int = 0, length: 
 def shift_queries(mod: ModFn, offset: int, device) -> ModFn:
     """Turn a mask/score function of absolute query positions into one of call-local positions.
 
-    The offset is captured as a 0-d tensor so that a growing KV cache does not recompile.
+    The offset is captured as a one-element tensor (read with ``[0]``, a load in the kernel) so that
+    a growing KV cache does not recompile; a 0-d tensor would become a host scalar, which
+    dynamic-shape flex kernels fail to lower inside a score_mod (seen with torch 2.11 on an H100).
     """
     if offset == 0:
         return mod
-    shift = torch.tensor(offset, device=device)
+    shift = torch.tensor([offset], device=device)
 
     def shifted(b, h, q_idx, kv_idx):
-        return mod(b, h, q_idx + shift, kv_idx)
+        return mod(b, h, q_idx + shift[0], kv_idx)
 
     return shifted
 
