@@ -153,7 +153,8 @@ def from_block_states(
     fn = _block_tensors
     if any_.is_cuda and not torch.compiler.is_compiling():
         if _compiled_block_tensors is None:
-            _compiled_block_tensors = torch.compile(_block_tensors, dynamic=False)
+            # automatic dynamic shapes: a new sequence length does not cost a new compile each time
+            _compiled_block_tensors = torch.compile(_block_tensors)
         fn = _compiled_block_tensors
     tensors = fn(any_, all_)
     if repeat_heads > 1:

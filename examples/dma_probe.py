@@ -1,0 +1,70 @@
+"""DMA timing probe used while developing the token-selection layout (needs a CUDA GPU).
+
+Times SDPA causal, DMA token selection (through the key layout), the layout's construction, a
+training step with a fresh mask, and DMA block selection, for random and clustered scores.
+The H100 numbers quoted in docs/benchmarks.md under "development probes" came from this script;
+`python -m flexmask bench dma` is the full, side-by-side benchmark.
+
+Usage:
+    python examples/dma_probe.py 32768 65536
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+import flexmask as fm
+from flexmask.backends import dma_layout
+from flexmask.blocks import Layout
+
+B, HQ, HKV, D, W = 1, 16, 8, 128, 2048
+
+
+def bench(fn) -> float:
+    return do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+
+def fwd_and_step(fn, grad_out) -> tuple[float, float]:
+    return bench(fn), bench(lambda: torch.autograd.backward(fn(), grad_out))
+
+
+def probe(n: int) -> None:
+    torch.manual_seed(0)
+    q = torch.randn(B, HQ, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(B, HKV, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(B, HKV, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    go = torch.randn(B, HQ, n, D, device="cuda", dtype=torch.bfloat16)
+    layout = Layout(B, HQ, n, n, q.device)
+
+    def report(name, *ms):
+        print(n, name, [round(x, 3) for x in ms], flush=True)
+
+    report("sdpa fwd, fwd+bwd", *fwd_and_step(lambda: F.scaled_dot_product_attention(
+        q, k, v, is_causal=True, enable_gqa=True), go))
+    walk = torch.cumsum(torch.randn(B, HKV, n, device="cuda"), -1) / 30
+    for kind, s in [("random", torch.randn(B, HKV, n, device="cuda")), ("clustered", walk)]:
+        s.requires_grad_()
+        mask, bias = fm.topk(s, W), fm.key_bias(s)
+        report(f"{kind} token fwd, fwd+bwd", *fwd_and_step(
+            lambda m=mask, b=bias: fm.attention(q, k, v, mask=m, bias=b), go))
+        plan = mask.cached(("layout", dma_layout.BLOCK, HQ), layout, lambda: None)["plan"]
+        touched = plan["any_"].sum(-1).float().mean().item()
+        full = (plan["all_"].sum() / plan["any_"].sum()).item()
+        print(f"  layout length {plan['length']}, blocks per query block {touched:.1f}, full {full:.0%}")
+        report(f"{kind} layout build", bench(lambda s=s: dma_layout._prepare(fm.topk(s, W), layout)))
+        report(f"{kind} token step with a fresh mask", *fwd_and_step(
+            lambda s=s, b=bias: fm.attention(q, k, v, mask=fm.topk(s, W), bias=b), go))
+        blocks = fm.topk_blocks(s, W // 128)
+        report(f"{kind} block fwd, fwd+bwd", *fwd_and_step(
+            lambda m=blocks, b=bias: fm.attention(q, k, v, mask=m, bias=b), go))
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    print(torch.__version__, torch.cuda.get_device_name(), flush=True)
+    for length in [int(a) for a in sys.argv[1:]] or [32768]:
+        probe(length)
