@@ -16,6 +16,15 @@ from .plot import plot, record_masks
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # `fm.hf` without importing transformers at `import flexmask`
+    if name == "hf":
+        import importlib
+
+        return importlib.import_module(".hf", __name__)
+    raise AttributeError(f"module 'flexmask' has no attribute {name!r}")
+
 __all__ = [
     "Bias",
     "DynamicMaskAttention",

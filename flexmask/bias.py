@@ -36,6 +36,11 @@ class Bias:
     def _parts(self) -> tuple[Bias, ...]:
         return (self,)
 
+    def __radd__(self, other):
+        if isinstance(other, int) and other == 0:  # so that sum([b1, b2, ...]) works
+            return self
+        return NotImplemented
+
     def __add__(self, other: Bias) -> Bias:
         if not isinstance(other, Bias):
             raise TypeError(f"`+` combines flexmask biases; got {type(other).__name__}")
@@ -267,7 +272,7 @@ def alibi(num_heads: int) -> Bias:
     Example:
         >>> import flexmask as fm
         >>> fm.alibi(8).slopes()[:2]
-        tensor([0.3536, 0.1250])
+        tensor([0.5000, 0.2500])
     """
     return Alibi(num_heads)
 
@@ -277,6 +282,10 @@ def head_bias(table: torch.Tensor) -> Bias:
 
     Args:
         table: ``[num_heads]``; may be an ``nn.Parameter`` (it receives gradients).
+    
+    On its own a per-head constant shifts every score of a row equally and cancels in the softmax
+    (output unchanged, gradient zero); it matters combined with masks that leave rows empty or with
+    other heads' biases in a shared parameter.
     """
     return HeadBias(table)
 

@@ -440,10 +440,11 @@ def dynamic_bias(
         A: ``[Hb]``, one gate per bias head.
 
     Returns:
-        ``[B, Hb, N]`` float32.
+        ``[B, Hb, N]`` float32 (float64 for float64 inputs).
     """
     dt = dt_proj(rearrange(value_states, "b h n d -> b n (h d)"))
-    gated = A.float() * F.softplus(dt.float())
+    compute = torch.float64 if dt.dtype == torch.float64 else torch.float32
+    gated = A.to(compute) * F.softplus(dt.to(compute))
     if form == "exp":
         gated = torch.exp(gated)
     elif form != "linear":

@@ -591,7 +591,9 @@ def to_dma(
         keep_window: keys kept per query (``w``).
         bias_form: ``"exp"`` (paper, Doge) or ``"linear"``.
         bias_heads: ``"kv"`` (one score per KV head, as Doge) or ``"q"``.
-        mask, bias, backend: as in :func:`apply`.
+        mask: as in :func:`apply`.
+        bias: as in :func:`apply`.
+        backend: as in :func:`apply`.
 
     Returns:
         The same model, converted and switched to ``"flexmask"``.

@@ -563,7 +563,7 @@ def sliding_window(size: int) -> Mask:
 def chunked(size: int) -> Mask:
     """Queries and keys in the same chunk of ``size`` positions: ``i // size == j // size``.
 
-    Combine with :func:`causal` for chunked-causal attention.
+    Combine with ``causal()`` for chunked-causal attention.
     """
     return Chunked(size)
 
@@ -658,7 +658,7 @@ def _lengths_tensor(name: str, lengths) -> torch.Tensor:
         )
     if lengths.numel() == 0:
         raise ValueError(f"{name} must not be empty")
-    if bool((lengths < 0).any()):
+    if not torch.compiler.is_compiling() and bool((lengths < 0).any()):
         raise ValueError(f"{name} must be >= 0, got {lengths.tolist()}")
     return lengths
 
