@@ -280,12 +280,12 @@ def alibi(num_heads: int) -> Bias:
 def head_bias(table: torch.Tensor) -> Bias:
     """One value per query head, added to every score of that head.
 
+    On its own a per-head constant shifts every score of a row equally and cancels in the softmax
+    (output unchanged, gradient zero); it matters combined with other terms, e.g. in a shared
+    learnable parameter.
+
     Args:
         table: ``[num_heads]``; may be an ``nn.Parameter`` (it receives gradients).
-    
-    On its own a per-head constant shifts every score of a row equally and cancels in the softmax
-    (output unchanged, gradient zero); it matters combined with masks that leave rows empty or with
-    other heads' biases in a shared parameter.
     """
     return HeadBias(table)
 
