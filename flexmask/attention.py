@@ -110,7 +110,7 @@ def attention(
     if dma_layout.applies(mask, bias, softcap, layout, k):
         return dma_layout.layout_attention(q, k, v, mask, bias, float(scale), layout)
     block_mask = None if mask is None else cached_block_mask(mask, layout)
-    return flex(q, k, v, score_mod, block_mask, float(scale))
+    return flex(q, k, v, score_mod, block_mask, float(scale), key=(repr(mask), repr(bias), softcap))
 
 
 def lower_score(bias: Bias | None, softcap: float | None, layout: Layout) -> Callable | None:

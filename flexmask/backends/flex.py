@@ -19,6 +19,13 @@ _compiled: dict[tuple[str, bool], Callable] = {}
 # New tensor contents never add entries.
 RECOMPILE_LIMIT = 64
 
+# Some score_mods (e.g. a relative-position table, a dense tensor bias) make inductor's default
+# kernel configuration ask for more shared memory than a GPU has ("out of resource", seen on an
+# H100 with torch 2.11). Such calls are retried once with smaller tiles and remembered by `key`.
+SMALL_TILES = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32,
+               "num_stages": 1}
+_needs_small_tiles: set = set()
+
 
 def compiled_flex(backend: str = "inductor", dynamic: bool = False) -> Callable:
     """The process-wide compiled ``flex_attention`` for a ``torch.compile`` backend.
@@ -42,10 +49,12 @@ def flex(
     *,
     compile_backend: str = "inductor",
     dynamic: bool | None = None,
+    key=None,
 ) -> torch.Tensor:
     """Run flex attention; inside an outer ``torch.compile`` the raw op is traced instead.
 
     ``dynamic=None`` picks a dynamic-shape kernel for CUDA decoding (``q_len < kv_len``) only.
+    ``key`` names the mask/bias structure, for remembering calls that need smaller tiles.
     """
     kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     if torch.compiler.is_compiling():
@@ -58,5 +67,15 @@ def flex(
     if dynamic is None:
         dynamic = q.is_cuda and q.shape[2] != k.shape[2]
     fn = compiled_flex(compile_backend, dynamic=dynamic)
+    memo = (key, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, torch.is_grad_enabled())
+    if memo in _needs_small_tiles:
+        kwargs["kernel_options"] = dict(SMALL_TILES)
     with config.patch(recompile_limit=limit, accumulated_recompile_limit=total):
+        try:
+            return fn(q, k, v, **kwargs)
+        except Exception as error:
+            if "out of resource" not in str(error) or "kernel_options" in kwargs:
+                raise
+        _needs_small_tiles.add(memo)
+        kwargs["kernel_options"] = dict(SMALL_TILES)
         return fn(q, k, v, **kwargs)
