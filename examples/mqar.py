@@ -84,19 +84,7 @@ except ImportError:  # run from a checkout without `pip install -e .`: use the r
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import flexmask as fm
 
-try:  # the rotary embedding DynamicMaskAttention applies, so that every model shares it
-    from flexmask.dma import apply_rotary
-except ImportError:  # same convention (half split), should the helper move
-
-    def apply_rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-        """Rotary position embedding (half-split convention) of ``x`` [B, H, N, D] at ``positions`` [B, N]."""
-        d = x.shape[-1]
-        inv_freq = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
-        angles = positions[:, None, :, None].float() * inv_freq
-        cos, sin = torch.cos(angles).repeat(1, 1, 1, 2), torch.sin(angles).repeat(1, 1, 1, 2)
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return (x.float() * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
-
+from flexmask.dma import apply_rotary  # the rotary embedding DynamicMaskAttention applies: every model shares it
 
 KINDS = ("mha", "swa", "dma-token", "dma-block")
 LABELS = {
