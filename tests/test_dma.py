@@ -346,7 +346,7 @@ def test_layout_plan_keeps_exactly_the_selected_keys():
         rows = 3
         s = torch.randn(rows, n, generator=g) if trial % 2 else torch.randint(0, 3, (rows, n), generator=g).float()
         ends = interval_ends(s, k)
-        p = plan(ends, block)
+        p = plan(ends, block, k)
         m = p["length"]
         orig, lo, hi = p["orig"], p["serve_lo"], p["serve_hi"]
         qi = torch.arange(n)[:, None]

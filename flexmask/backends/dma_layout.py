@@ -24,8 +24,8 @@ import torch
 from ..blocks import from_block_states
 
 
-def plan(ends: torch.Tensor, block: int) -> dict[str, torch.Tensor | int]:
-    """The layout for interval ends ``ends`` [R, N] (int64): indices and block maps.
+def plan(ends: torch.Tensor, block: int, keep: int) -> dict[str, torch.Tensor | int]:
+    """The layout for interval ends ``ends`` [R, N] (int64) of a top-``keep`` selection.
 
     Returns ``orig``, ``serve_lo``, ``serve_hi`` (``[R, M]`` int64: the key each layout entry
     copies and the query blocks it serves; unused entries serve none), ``any_``/``all_``
@@ -37,7 +37,6 @@ def plan(ends: torch.Tensor, block: int) -> dict[str, torch.Tensor | int]:
     shift = block.bit_length() - 1
     nq = -(-n // block)
     pos = torch.arange(n, device=dev)
-    alive = ends > pos
     big = n * (n + 2)
 
     orig_parts, lo_parts, hi_parts = [pos.expand(rows, n)], [(pos >> shift).expand(rows, n)], []
@@ -48,9 +47,12 @@ def plan(ends: torch.Tensor, block: int) -> dict[str, torch.Tensor | int]:
     while (1 << level) < nq:
         # Each level's width is its capacity, which depends on (N, block) only: the shapes never
         # change with the scores, so nothing recompiles and the whole plan compiles to few kernels.
-        width = _level_capacity(n, block, level)
+        width = _level_capacity(n, block, level, keep)
         seg = pos >> (shift + level)
-        use = alive & (seg % 2 == 0) & (((seg + 1) << level) < nq)
+        first_served = ((seg + 1) << level) * block  # the first query this segment's copy serves
+        # a key is read from this level only if it outlives its segment: at most `keep` per
+        # segment (they are all kept by the query `first_served`)
+        use = (ends > first_served) & (seg % 2 == 0) & (((seg + 1) << level) < nq)
         comp = torch.where(use, seg * (n + 1) + (n - ends), torch.full_like(ends, big))
         comp, order = torch.sort(comp, dim=-1, stable=True)
         comp, order = comp[:, :width].contiguous(), order[:, :width]
@@ -98,27 +100,27 @@ def plan(ends: torch.Tensor, block: int) -> dict[str, torch.Tensor | int]:
     }
 
 
-def _compiled_plan(ends: torch.Tensor, block: int) -> dict:
-    """:func:`plan`, compiled into a few kernels on CUDA (its shapes depend on N and block only)."""
+def _compiled_plan(ends: torch.Tensor, block: int, keep: int) -> dict:
+    """:func:`plan`, compiled into a few kernels on CUDA (its shapes depend on N, block, keep only)."""
     if not ends.is_cuda or torch.compiler.is_compiling():
-        return plan(ends, block)
+        return plan(ends, block, keep)
     global _plan_compiled
     if _plan_compiled is None:
         _plan_compiled = torch.compile(plan, dynamic=False)
-    return _plan_compiled(ends, block)
+    return _plan_compiled(ends, block, keep)
 
 
 _plan_compiled = None
 
 
-def _level_capacity(n: int, block: int, level: int) -> int:
-    """How many positions lie in the segments that level ``level`` serves (an upper bound of its width)."""
+def _level_capacity(n: int, block: int, level: int, keep: int) -> int:
+    """An upper bound of level ``level``'s width: per served segment, its length or ``keep``."""
     nq = -(-n // block)
     size = block << level
     total = 0
     for m in range(0, -(-n // size), 2):
         if ((m + 1) << level) < nq:
-            total += min(n, (m + 1) * size) - m * size
+            total += min(keep, min(n, (m + 1) * size) - m * size)
     return total
 
 
@@ -178,7 +180,7 @@ def _prepare(mask, layout) -> dict:
     """Everything about the layout that depends on the scores only (cached per mask)."""
     ends = mask.interval_ends(layout)
     B, hs, n = ends.shape
-    p = _compiled_plan(ends.reshape(B * hs, n).long(), BLOCK)
+    p = _compiled_plan(ends.reshape(B * hs, n).long(), BLOCK, mask.k)
     m = p["length"]
     orig = p["orig"].view(B, hs, m)
     ends_lay = ends.long().gather(2, orig).to(torch.int32)
