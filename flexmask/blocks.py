@@ -13,6 +13,7 @@ combinators in :mod:`flexmask.masks` keep that invariant.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -24,6 +25,24 @@ if TYPE_CHECKING:
     from .masks import Mask
 
 ModFn = Callable[..., torch.Tensor]
+
+
+def compiled_on_cuda(fn: Callable, dynamic: bool | None = False) -> Callable:
+    """``fn``, run through ``torch.compile`` (compiled on first use) when its first argument is a
+    CUDA tensor: a few fused kernels instead of hundreds of small launches. Eager on other devices
+    and inside an outer ``torch.compile``, which traces it anyway."""
+    compiled = None
+
+    @functools.wraps(fn)
+    def run(*args):
+        nonlocal compiled
+        if not args[0].is_cuda or torch.compiler.is_compiling():
+            return fn(*args)
+        if compiled is None:
+            compiled = torch.compile(fn, dynamic=dynamic)
+        return compiled(*args)
+
+    return run
 
 
 @dataclass(frozen=True)
@@ -132,7 +151,8 @@ def _block_tensors(any_: torch.Tensor, all_: torch.Tensor) -> tuple[torch.Tensor
     )
 
 
-_compiled_block_tensors = None
+# automatic dynamic shapes: a new sequence length does not cost a new compile each time
+_fused_block_tensors = compiled_on_cuda(_block_tensors, dynamic=None)
 
 
 def from_block_states(
@@ -149,14 +169,7 @@ def from_block_states(
     On CUDA the index tensors come from one ``torch.compile``d function (a handful of kernels).
     ``repeat_heads`` repeats each head's maps for a group of query heads (GQA) after ordering.
     """
-    global _compiled_block_tensors
-    fn = _block_tensors
-    if any_.is_cuda and not torch.compiler.is_compiling():
-        if _compiled_block_tensors is None:
-            # automatic dynamic shapes: a new sequence length does not cost a new compile each time
-            _compiled_block_tensors = torch.compile(_block_tensors)
-        fn = _compiled_block_tensors
-    tensors = fn(any_, all_)
+    tensors = _fused_block_tensors(any_, all_)
     if repeat_heads > 1:
         tensors = [t.repeat_interleave(repeat_heads, 1) for t in tensors]
     kv_num, kv_idx, full_num, full_idx, q_num, q_idx, full_q_num, full_q_idx = tensors

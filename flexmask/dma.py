@@ -25,7 +25,7 @@ from torch import nn
 
 from .attention import attention
 from .bias import key_bias
-from .blocks import Layout, per_block_min_max
+from .blocks import Layout, compiled_on_cuda, per_block_min_max
 from .masks import And, Causal, Document, Mask, Padding, _positive_int
 
 # ---------------------------------------------------------------------------------------------
@@ -85,23 +85,6 @@ def prefix_kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.where(positions + 1 >= k, result, torch.full_like(result, n))
 
 
-_compiled: dict = {}
-
-
-def _fused(fn):
-    """``fn`` compiled by ``torch.compile`` on CUDA (a few fused kernels instead of hundreds of launches)."""
-
-    def run(*args):
-        x = args[0]
-        if not x.is_cuda or torch.compiler.is_compiling():
-            return fn(*args)
-        if fn not in _compiled:
-            _compiled[fn] = torch.compile(fn, dynamic=False)
-        return _compiled[fn](*args)
-
-    return run
-
-
 def interval_ends(scores: torch.Tensor, k: int, segments: torch.Tensor | None = None) -> torch.Tensor:
     """End ``e_j`` of the run of queries that keep key ``j`` under prefix top-``k`` selection.
 
@@ -123,6 +106,10 @@ def _block_ranks(block_scores: torch.Tensor, k: int) -> torch.Tensor:
     inclusive = prefix_kth_smallest(rank, k)
     threshold = torch.cat([rank.new_full((rank.shape[0], 1), rank.shape[1]), inclusive[:, :-1]], -1)
     return torch.stack([rank, threshold])
+
+
+_interval_ends_fused = compiled_on_cuda(interval_ends)
+_block_ranks_fused = compiled_on_cuda(_block_ranks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,6 +247,9 @@ def _interval_extents(ends: torch.Tensor, block_size: int) -> tuple[torch.Tensor
     return per_block_min_max(ends, block_size)[0], per_block_min_max(alive, block_size)[1]
 
 
+_interval_extents_fused = compiled_on_cuda(_interval_extents)
+
+
 class TopK(_ContentMask):
     def __init__(self, scores: torch.Tensor, k: int, among: Mask | None = None):
         super().__init__(scores, k, among, "topk")
@@ -271,7 +261,7 @@ class TopK(_ContentMask):
             s, segments = self._candidate_scores(layout)
             b, hs, n = s.shape
             flat = None if segments is None else segments.reshape(b * hs, n)
-            e = _fused(interval_ends)(s.reshape(b * hs, n), self.k, flat).reshape(b, hs, n)
+            e = _interval_ends_fused(s.reshape(b * hs, n), self.k, flat).reshape(b, hs, n)
             self._cache = {key: e.to(torch.int32)}  # new scores: drop everything derived from old ones
         return self._cache[key]
 
@@ -289,7 +279,7 @@ class TopK(_ContentMask):
 
     def _classify(self, layout, qr, kr):
         ends = self.interval_ends(layout)
-        e_min, e_max = _fused(_interval_extents)(ends, kr.size)
+        e_min, e_max = _interval_extents_fused(ends, kr.size)
         group = layout.heads // ends.shape[1]
         e_max = e_max.repeat_interleave(group, 1)[:, :, None, :]
         e_min = e_min.repeat_interleave(group, 1)[:, :, None, :]
@@ -337,7 +327,7 @@ class TopKBlocks(_ContentMask):
                 lengths = self._padding.lengths.to(layout.device).view(-1, 1, 1)
                 s = s.masked_fill(torch.arange(nb, device=layout.device) * bs >= lengths, float("-inf"))
             b, hs, _ = s.shape
-            self._cache = {key: _fused(_block_ranks)(s.reshape(b * hs, nb), self.k).reshape(2, b, hs, nb)}
+            self._cache = {key: _block_ranks_fused(s.reshape(b * hs, nb), self.k).reshape(2, b, hs, nb)}
         return self._cache[key]
 
     def _mask_mod(self, layout):

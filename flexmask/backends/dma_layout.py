@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..blocks import from_block_states
+from ..blocks import compiled_on_cuda, from_block_states
 
 
 def plan(ends: torch.Tensor, block: int, keep: int) -> dict[str, torch.Tensor | int]:
@@ -100,17 +100,8 @@ def plan(ends: torch.Tensor, block: int, keep: int) -> dict[str, torch.Tensor | 
     }
 
 
-def _compiled_plan(ends: torch.Tensor, block: int, keep: int) -> dict:
-    """:func:`plan`, compiled into a few kernels on CUDA (its shapes depend on N, block, keep only)."""
-    if not ends.is_cuda or torch.compiler.is_compiling():
-        return plan(ends, block, keep)
-    global _plan_compiled
-    if _plan_compiled is None:
-        _plan_compiled = torch.compile(plan, dynamic=False)
-    return _plan_compiled(ends, block, keep)
-
-
-_plan_compiled = None
+# its shapes depend on N, block and keep only
+_plan_fused = compiled_on_cuda(plan)
 
 
 def _level_capacity(n: int, block: int, level: int, keep: int) -> int:
@@ -180,7 +171,7 @@ def _prepare(mask, layout) -> dict:
     """Everything about the layout that depends on the scores only (cached per mask)."""
     ends = mask.interval_ends(layout)
     B, hs, n = ends.shape
-    p = _compiled_plan(ends.reshape(B * hs, n).long(), BLOCK, mask.k)
+    p = _plan_fused(ends.reshape(B * hs, n).long(), BLOCK, mask.k)
     m = p["length"]
     orig = p["orig"].view(B, hs, m)
     ends_lay = ends.long().gather(2, orig).to(torch.int32)
