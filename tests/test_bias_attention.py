@@ -36,7 +36,7 @@ def ref_attention(q, k, v, *, keep=None, bias=None, scale=None, softcap=None):
     if bias is not None:
         s = s + bias
     if keep is None:
-        keep = torch.ones(s.shape, dtype=torch.bool)
+        keep = torch.ones(s.shape, dtype=torch.bool, device=s.device)
     keep = keep.expand(s.shape)
     alive = keep.any(-1, keepdim=True)
     s = torch.where(keep, s, torch.full_like(s, float("-inf")))

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_bias_attention import ref_attention
 
 import flexmask as fm
 from flexmask.dma import prefix_kth_smallest
@@ -53,17 +52,9 @@ def brute_topk_blocks(scores: torch.Tensor, k: int, bs: int) -> torch.Tensor:
 
 
 def dense_attention(q, k, v, keep, bias_keys=None, scale=None):
-    """float64 softmax attention with a dense keep map [B, Hq, Q, KV] and per-key bias [B, Hq, KV]."""
-    q, k, v = q.double(), k.double(), v.double()
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
-    s = q @ k.transpose(-1, -2) * scale
-    if bias_keys is not None:
-        s = s + bias_keys.double()[:, :, None, :]
-    s = s.masked_fill(~keep, float("-inf"))
-    p = torch.softmax(s, -1).nan_to_num(0.0)
-    return p @ v
+    """float64 attention with a dense keep map [B, Hq, Q, KV] and per-key bias [B, Hq, KV]."""
+    bias = None if bias_keys is None else bias_keys.double()[:, :, None, :]
+    return ref_attention(q, k, v, keep=keep, bias=bias, scale=scale)
 
 
 def heads_to(t: torch.Tensor, hq: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from test_bias_attention import ref_attention
 
 import flexmask as fm
 
@@ -21,26 +22,7 @@ B, HQ, HKV, D = 2, 8, 2, 64
 
 
 # ---------------------------------------------------------------------------------------------
-# float64 reference (same definitions as the CPU tests)
-
-
-def ref_attention(q, k, v, *, keep=None, bias=None, scale=None, softcap=None):
-    q, k, v = q.double(), k.double(), v.double()
-    g = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    s = (q @ k.transpose(-1, -2)) * scale
-    if softcap is not None:
-        s = softcap * torch.tanh(s / softcap)
-    if bias is not None:
-        s = s + bias
-    if keep is None:
-        keep = torch.ones(s.shape, dtype=torch.bool, device=s.device)
-    keep = keep.expand(s.shape)
-    alive = keep.any(-1, keepdim=True)
-    s = torch.where(keep, s, torch.full_like(s, float("-inf")))
-    p = torch.softmax(torch.where(alive, s, torch.zeros_like(s)), dim=-1)
-    return torch.where(alive, p, torch.zeros_like(p)) @ v
+# float64 reference: the CPU tests' own (device-agnostic); position helpers here live on the GPU
 
 
 def rel_err(a, b, floor=0.0):
