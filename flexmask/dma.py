@@ -162,6 +162,12 @@ class _ContentMask(Mask):
         self.k = _positive_int("k", k)
         self.among = among
         self._documents, self._padding = _candidates(among)
+        if self._documents is not None:  # checked once here, not on every attention call
+            ids = self._documents.ids
+            starts = (ids[:, 1:] != ids[:, :-1]).sum(-1) + 1
+            distinct = torch.tensor([row.unique().numel() for row in ids])
+            if bool((starts.cpu() != distinct).any()):
+                raise ValueError("top-k among documents needs each document's positions to be contiguous (packed)")
         self._cache: dict = {}
 
     def _children(self):
@@ -189,12 +195,6 @@ class _ContentMask(Mask):
             raise ValueError(f"scores have length {n}, expected {what}")
         if self.among is not None:
             self.among._check(layout)
-        if self._documents is not None:
-            ids = self._documents.ids
-            starts = (ids[:, 1:] != ids[:, :-1]).sum(-1) + 1
-            distinct = torch.tensor([row.unique().numel() for row in ids])
-            if bool((starts.cpu() != distinct).any()):
-                raise ValueError("top-k among documents needs each document's positions to be contiguous (packed)")
 
     def _candidate_scores(self, layout: Layout, per_key: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Detached float32 scores ``[B, Hs, N]`` with non-candidates at -inf, and segments or None."""
