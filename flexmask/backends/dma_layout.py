@@ -150,9 +150,14 @@ def layout_attention(q, k, v, mask, bias, scale: float, layout) -> torch.Tensor:
     Hkv = k.shape[1]
     state = mask.cached(("layout", BLOCK, Hq), layout, lambda: _prepare(mask, layout))
     index = state["index"]
+    m = index.shape[-1]
+    rows = state.get(("rows", Hkv))
+    if rows is None:  # flat row of each layout entry in a [B * Hkv * N, D] view of k or v
+        base = torch.arange(B * Hkv, device=index.device).view(B, Hkv, 1) * n
+        rows = state[("rows", Hkv)] = (index.expand(B, Hkv, m) + base).reshape(-1)
 
-    def copy(x):  # rows of x in layout order
-        return x.gather(2, index.expand(B, Hkv, -1)[..., None].expand(B, Hkv, -1, x.shape[-1]))
+    def copy(x):  # rows of x in layout order: one row gather (backward: one index_add)
+        return x.reshape(B * Hkv * n, x.shape[-1]).index_select(0, rows).view(B, Hkv, m, x.shape[-1])
 
     score_mod = None
     if bias is not None:
