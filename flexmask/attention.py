@@ -118,11 +118,13 @@ def lower_score(bias: Bias | None, softcap: float | None, layout: Layout) -> Cal
     if bias is None and softcap is None:
         return None
     term = None if bias is None else shift_queries(bias._term(layout), layout.offset, layout.device)
-    cap = None if softcap is None else float(softcap)
+    # a 1-element tensor, not a Python float: dynamo turns a captured float into a 0-d CPU tensor
+    # input, which dynamic-shape flex kernels fail to lower ("unbacked_bindings", torch 2.11, H100)
+    cap = None if softcap is None else torch.tensor([float(softcap)], device=layout.device)
 
     def score_mod(score, b, h, q_idx, kv_idx):
         if cap is not None:
-            score = cap * torch.tanh(score / cap)
+            score = cap[0] * torch.tanh(score / cap[0])
         if term is not None:
             score = score + term(b, h, q_idx, kv_idx)
         return score

@@ -134,10 +134,17 @@ def classify(mask: Mask, layout: Layout, block_size: int) -> tuple[torch.Tensor,
 
 
 def _ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: how many blocks are set, and their indices first (ascending), as int32."""
-    counts = blocks.sum(-1, dtype=torch.int32)
-    order = torch.argsort(blocks.to(torch.uint8), dim=-1, descending=True, stable=True)
-    return counts.contiguous(), order.to(torch.int32).contiguous()
+    """Per row: how many blocks are set, and their indices first (ascending), as int32.
+
+    A stable partition by prefix sums and one scatter: no sort, a few elementwise kernels.
+    """
+    b = blocks.to(torch.int32)
+    counts = b.sum(-1, dtype=torch.int32)
+    before = b.cumsum(-1, dtype=torch.int32) - b  # set blocks before each one
+    idx = torch.arange(b.shape[-1], device=b.device, dtype=torch.int32).expand_as(b)
+    pos = torch.where(blocks, before, counts[..., None] + idx - before)
+    order = torch.empty_like(b).scatter_(-1, pos.long(), idx)
+    return counts.contiguous(), order
 
 
 def _block_tensors(any_: torch.Tensor, all_: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -151,10 +158,6 @@ def _block_tensors(any_: torch.Tensor, all_: torch.Tensor) -> tuple[torch.Tensor
     )
 
 
-# automatic dynamic shapes: a new sequence length does not cost a new compile each time
-_fused_block_tensors = compiled_on_cuda(_block_tensors, dynamic=None)
-
-
 def from_block_states(
     any_: torch.Tensor,
     all_: torch.Tensor,
@@ -166,10 +169,10 @@ def from_block_states(
 ) -> BlockMask:
     """A ``BlockMask`` whose full blocks are ``all_`` and partial blocks ``any_ & ~all_``.
 
-    On CUDA the index tensors come from one ``torch.compile``d function (a handful of kernels).
+    The index tensors come from prefix sums and scatters (about 30 small kernels, nothing compiled).
     ``repeat_heads`` repeats each head's maps for a group of query heads (GQA) after ordering.
     """
-    tensors = _fused_block_tensors(any_, all_)
+    tensors = _block_tensors(any_, all_)
     if repeat_heads > 1:
         tensors = [t.repeat_interleave(repeat_heads, 1) for t in tensors]
     kv_num, kv_idx, full_num, full_idx, q_num, q_idx, full_q_num, full_q_idx = tensors

@@ -201,7 +201,7 @@ def model_mask(
     if isinstance(attention_mask, ModelMask):  # prepared ahead by generate (static cache)
         return attention_mask
     if mask_function is None:
-        from transformers.masking_utils import causal_mask_function as mask_function
+        mask_function = _masking_utils().causal_mask_function
     compiling = torch.compiler.is_compiling()
 
     valid = None
@@ -282,8 +282,7 @@ def _recognize(fn: Callable, shallow: bool = False) -> dict[str, Any] | None:
     ``padding_mask_function``, joined by ``and_masks``); anything else (user overlays, chunked,
     bidirectional windows, block overlays) returns ``None`` and the caller wraps the function as is.
     """
-    from transformers import masking_utils as mu
-
+    mu = _masking_utils()
     parts: dict[str, Any] = {
         "causal": False, "full": False, "window": None, "documents": None, "keys": None, "remapped": False
     }
@@ -441,6 +440,20 @@ def _dma_selection(scores: torch.Tensor, keep_window: int, model: ModelMask) -> 
 # apply / to_dma / load_dma
 
 
+_MASKING_UTILS = None
+
+
+def _masking_utils() -> types.ModuleType:
+    """``transformers.masking_utils``, imported once outside ``torch.compile``: dynamo cannot trace
+    an import through transformers' lazy module (a graph break, "Bad import result")."""
+    global _MASKING_UTILS
+    if _MASKING_UTILS is None:
+        import transformers.masking_utils
+
+        _MASKING_UTILS = transformers.masking_utils
+    return _MASKING_UTILS
+
+
 def register() -> None:
     """Register ``"flexmask"`` with transformers' ``AttentionInterface`` and ``AttentionMaskInterface``.
 
@@ -449,6 +462,7 @@ def register() -> None:
     """
     from transformers import AttentionInterface, AttentionMaskInterface
 
+    _masking_utils()
     AttentionInterface.register(NAME, attention_forward)
     AttentionMaskInterface.register(NAME, model_mask)
 
