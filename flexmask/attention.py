@@ -7,6 +7,7 @@ on CPU, which also trains).
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from collections import OrderedDict
@@ -110,7 +111,7 @@ def attention(
     if dma_layout.applies(mask, bias, softcap, layout, k):
         return dma_layout.layout_attention(q, k, v, mask, bias, float(scale), layout)
     block_mask = None if mask is None else cached_block_mask(mask, layout)
-    return flex(q, k, v, score_mod, block_mask, float(scale), key=(repr(mask), repr(bias), softcap))
+    return flex(q, k, v, score_mod, block_mask, float(scale), key=lambda: (repr(mask), repr(bias), softcap))
 
 
 def lower_score(bias: Bias | None, softcap: float | None, layout: Layout) -> Callable | None:
@@ -120,7 +121,7 @@ def lower_score(bias: Bias | None, softcap: float | None, layout: Layout) -> Cal
     term = None if bias is None else shift_queries(bias._term(layout), layout.offset, layout.device)
     # a 1-element tensor, not a Python float: dynamo turns a captured float into a 0-d CPU tensor
     # input, which dynamic-shape flex kernels fail to lower ("unbacked_bindings", torch 2.11, H100)
-    cap = None if softcap is None else torch.tensor([float(softcap)], device=layout.device)
+    cap = None if softcap is None else _constant(float(softcap), layout.device)
 
     def score_mod(score, b, h, q_idx, kv_idx):
         if cap is not None:
@@ -130,6 +131,12 @@ def lower_score(bias: Bias | None, softcap: float | None, layout: Layout) -> Cal
         return score
 
     return score_mod
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(value: float, device: torch.device) -> torch.Tensor:
+    """A one-element float32 tensor on ``device`` (made once: no host-to-device copy per call)."""
+    return torch.tensor([value], device=device)
 
 
 def cached_block_mask(mask: Mask, layout: Layout, block_size: int = 128) -> BlockMask:

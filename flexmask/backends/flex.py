@@ -16,7 +16,8 @@ _compiled: dict[tuple[str, bool], Callable] = {}
 # Each mask/bias *structure* (and each shape, with static shapes) is one compiled entry of
 # flex_attention; torch's default limit of 8 entries is soon reached by a model or a benchmark that
 # uses several masks, after which it would fail (fullgraph) or fall back to the dense eager path.
-# New tensor contents never add entries.
+# New tensor contents never add entries. flexmask raises dynamo's (process-wide) limit to this on
+# its first call, and never lowers it.
 RECOMPILE_LIMIT = 64
 
 # Some score_mods (e.g. a relative-position table, a dense tensor bias) make inductor's default
@@ -54,28 +55,40 @@ def flex(
     """Run flex attention; inside an outer ``torch.compile`` the raw op is traced instead.
 
     ``dynamic=None`` picks a dynamic-shape kernel for CUDA decoding (``q_len < kv_len``) only.
-    ``key`` names the mask/bias structure, for remembering calls that need smaller tiles.
+    ``key`` (or a function returning it, called only when needed) names the mask/bias structure,
+    for remembering calls that need smaller tiles.
     """
     kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     if torch.compiler.is_compiling():
         return flex_attention(q, k, v, **kwargs)
-    config = torch._dynamo.config
-    limit = max(config.recompile_limit, RECOMPILE_LIMIT)
-    total = max(config.accumulated_recompile_limit, limit)
+    _raise_recompile_limit()
     # Dynamic shapes only on CUDA: torch 2.13's CPU inductor flex kernel fails to build with them
     # (C++ codegen error `cur_kvSplitSize7`, or "unbacked_bindings" with captured tensors) for q_len < kv_len.
     if dynamic is None:
         dynamic = q.is_cuda and q.shape[2] != k.shape[2]
     fn = compiled_flex(compile_backend, dynamic=dynamic)
-    memo = (key, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, torch.is_grad_enabled())
-    if memo in _needs_small_tiles:
+
+    def memo():
+        name = key() if callable(key) else key
+        return (name, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, torch.is_grad_enabled())
+
+    if _needs_small_tiles and memo() in _needs_small_tiles:
         kwargs["kernel_options"] = dict(SMALL_TILES)
-    with config.patch(recompile_limit=limit, accumulated_recompile_limit=total):
-        try:
-            return fn(q, k, v, **kwargs)
-        except Exception as error:
-            if "out of resource" not in str(error) or "kernel_options" in kwargs:
-                raise
-        _needs_small_tiles.add(memo)
-        kwargs["kernel_options"] = dict(SMALL_TILES)
+    try:
         return fn(q, k, v, **kwargs)
+    except Exception as error:
+        if "out of resource" not in str(error) or "kernel_options" in kwargs:
+            raise
+    _needs_small_tiles.add(memo())
+    kwargs["kernel_options"] = dict(SMALL_TILES)
+    return fn(q, k, v, **kwargs)
+
+
+def _raise_recompile_limit() -> None:
+    """Raise dynamo's recompile limits to at least :data:`RECOMPILE_LIMIT` (process-wide, once:
+    patching the config around every call costs more host time than a short kernel takes)."""
+    config = torch._dynamo.config
+    if config.recompile_limit < RECOMPILE_LIMIT:
+        config.recompile_limit = RECOMPILE_LIMIT
+    if config.accumulated_recompile_limit < config.recompile_limit:
+        config.accumulated_recompile_limit = config.recompile_limit
