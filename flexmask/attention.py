@@ -17,8 +17,8 @@ from typing import Literal
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
-from .backends import dma_layout
-from .backends.flex import flex
+from .backends import dma_layout, key_bias
+from .backends.flex import flex, with_lse
 from .backends.reference import reference
 from .bias import Bias, bias_tensors
 from .blocks import Layout, build_block_mask, shift_queries
@@ -111,6 +111,8 @@ def attention(
     if dma_layout.applies(mask, bias, softcap, layout, k):
         return dma_layout.layout_attention(q, k, v, mask, bias, float(scale), layout)
     block_mask = None if mask is None else cached_block_mask(mask, layout)
+    if key_bias.applies(bias, softcap, q, k):  # its gradient without flex's atomics
+        return key_bias.attention(q, k, v, bias.t, block_mask, float(scale), with_lse)
     return flex(q, k, v, score_mod, block_mask, float(scale), key=lambda: (repr(mask), repr(bias), softcap))
 
 

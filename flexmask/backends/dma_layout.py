@@ -144,7 +144,8 @@ def applies(mask, bias, softcap, layout, k: torch.Tensor) -> bool:
 
 def layout_attention(q, k, v, mask, bias, scale: float, layout) -> torch.Tensor:
     """Exact DMA attention through the layout (see :func:`applies`). Returns ``[B, Hq, N, Dv]``."""
-    from .flex import flex
+    from . import key_bias
+    from .flex import flex, with_lse
 
     B, Hq, n, _ = q.shape
     Hkv = k.shape[1]
@@ -162,6 +163,8 @@ def layout_attention(q, k, v, mask, bias, scale: float, layout) -> torch.Tensor:
     score_mod = None
     if bias is not None:
         bias_lay = bias.t.expand(B, *bias.t.shape[1:]).gather(2, index.expand(B, bias.t.shape[1], -1))
+        if key_bias.applies(bias, None, q, k):  # its gradient without flex's atomics
+            return key_bias.attention(q, copy(k), copy(v), bias_lay, state["block_mask"], scale, with_lse)
         group = Hq // bias_lay.shape[1]
 
         def key_bias_layout(score, b, h, q_idx, kv_idx):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 
 _compiled: dict[tuple[str, bool], Callable] = {}
 
@@ -51,16 +51,20 @@ def flex(
     compile_backend: str = "inductor",
     dynamic: bool | None = None,
     key=None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+):
     """Run flex attention; inside an outer ``torch.compile`` the raw op is traced instead.
 
     ``dynamic=None`` picks a dynamic-shape kernel for CUDA decoding (``q_len < kv_len``) only.
+    ``return_lse=True`` returns ``(out, lse)`` with the natural-log ``lse`` ``[B, Hq, Q]`` (float32).
     ``key`` (or a function returning it, called only when needed) names the mask/bias structure,
     for remembering calls that need smaller tiles.
     """
     kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    if return_lse:
+        kwargs["return_aux"] = AuxRequest(lse=True)
     if torch.compiler.is_compiling():
-        return flex_attention(q, k, v, **kwargs)
+        return _unpack(flex_attention(q, k, v, **kwargs))
     _raise_recompile_limit()
     # Dynamic shapes only on CUDA: torch 2.13's CPU inductor flex kernel fails to build with them
     # (C++ codegen error `cur_kvSplitSize7`, or "unbacked_bindings" with captured tensors) for q_len < kv_len.
@@ -75,13 +79,26 @@ def flex(
     if _needs_small_tiles and memo() in _needs_small_tiles:
         kwargs["kernel_options"] = dict(SMALL_TILES)
     try:
-        return fn(q, k, v, **kwargs)
+        return _unpack(fn(q, k, v, **kwargs))
     except Exception as error:
         if "out of resource" not in str(error) or "kernel_options" in kwargs:
             raise
     _needs_small_tiles.add(memo())
     kwargs["kernel_options"] = dict(SMALL_TILES)
-    return fn(q, k, v, **kwargs)
+    return _unpack(fn(q, k, v, **kwargs))
+
+
+def _unpack(result):
+    if isinstance(result, tuple):
+        out, aux = result
+        return out, aux.lse
+    return result
+
+
+def with_lse(q, k, v, score_mod, block_mask, scale, *, compile_backend: str = "inductor"):
+    """``(out, lse)`` of a training-shaped flex call (static shapes); see :func:`flex`."""
+    return flex(q, k, v, score_mod, block_mask, scale, compile_backend=compile_backend, dynamic=False,
+                return_lse=True)
 
 
 def _raise_recompile_limit() -> None:

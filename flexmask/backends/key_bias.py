@@ -1,0 +1,156 @@
+"""FlexAttention with a per-key bias whose gradient costs one extra forward-like pass, not atomics.
+
+With a bias ``t[b, h', j]`` added to every score ``s_ij`` (``fm.key_bias``: DMA's content bias),
+flex computes the bias gradient inside its backward kernel by atomically adding every ``dS_ij``
+of a tile into ``t``'s gradient: all the queries of a tile hit the same few addresses, which cost
++50–60 % of the backward on an H100. The gradient has a closed form instead::
+
+    dt_j = Σ_i dS_ij = Σ_i P_ij (dO_i · v_j − Δ_i)      with Δ_i = dO_i · O_i
+         = v_j · dV_j − Σ_i P_ij Δ_i
+
+``dV`` comes from flex's own backward (run without the bias gradient), and ``Σ_i P_ij Δ_i`` is an
+attention *of the keys over the queries*: flex on the transposed problem (keys as queries, the
+transposed ``BlockMask``), scores ``s_ij + t_j − lse_i``, values ``Δ``. It returns
+``Σ_i P_ij Δ_i / Σ_i P_ij`` and ``log Σ_i P_ij``, whose product is the sum. Its value head is 16
+wide, so it costs about half a forward. Exact in exact arithmetic; in bf16, the sum is rounded
+to bf16 like ``dV`` is.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask
+
+VALUE_WIDTH = 16  # the narrowest value head flex compiles
+
+# Set to False to let flex's backward compute key-bias gradients itself (atomics).
+ENABLED = True
+
+
+def supported(t: torch.Tensor, hq: int, hkv: int) -> bool:
+    """Whether a key bias ``t`` ``[B|1, Hs, KV]`` can take this path: ``Hs`` is 1 or ``Hkv``
+    (or ``Hq == Hkv``), since ``dV`` is summed over each query-head group."""
+    return t.shape[1] in (1, hkv)
+
+
+def applies(bias, softcap, q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether an ``fm.attention`` call on the flex backend should take this path: the bias is one
+    ``fm.key_bias`` whose tensor needs a gradient, no softcap, CUDA, eager (under an outer
+    ``torch.compile`` the autograd function is not traced; flex's own gradient is used)."""
+    from ..bias import KeyBias
+
+    return (
+        ENABLED
+        and isinstance(bias, KeyBias)
+        and softcap is None
+        and q.is_cuda
+        and torch.is_grad_enabled()
+        and bias.t.requires_grad
+        and not torch.compiler.is_compiling()
+        and supported(bias.t, q.shape[1], k.shape[1])
+    )
+
+
+def attention(q, k, v, t, block_mask: BlockMask | None, scale: float, run) -> torch.Tensor:
+    """``softmax(scale · q kᵀ + t[b, h // g, j]) v`` under ``block_mask``.
+
+    Args:
+        q, k, v: ``[B, Hq, Q, D]``, ``[B, Hkv, KV, D]``, ``[B, Hkv, KV, Dv]``.
+        t: ``[B|1, Hs, KV]`` with ``Hs`` 1 or ``Hkv``.
+        run: ``run(q, k, v, score_mod, block_mask, scale)`` → ``(out, lse)``, the flex call
+            (natural-log ``lse`` ``[B, Hq, Q]``); differentiable in ``q, k, v``.
+    """
+    return _KeyBiasAttention.apply(q, k, v, t, block_mask, scale, run)
+
+
+class _KeyBiasAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, t, block_mask, scale, run):
+        inner = [x.detach().requires_grad_(True) for x in (q, k, v)]
+        t_ = t.detach()
+        with torch.enable_grad():
+            out, lse = run(*inner, _key_bias_mod(t_, q.shape[1]), block_mask, scale)
+        ctx.graph = (out, inner)
+        ctx.lse, ctx.t, ctx.block_mask, ctx.scale, ctx.run = lse.detach(), t_, block_mask, scale, run
+        ctx.t_shape, ctx.t_dtype = t.shape, t.dtype
+        return out.detach()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        out, inner = ctx.graph
+        q, k, v = inner
+        dq, dk, dv = torch.autograd.grad(out, inner, grad_out)
+        dt = None
+        if ctx.needs_input_grad[3]:
+            dt = _bias_grad(q.detach(), k.detach(), v.detach(), out.detach(), grad_out, ctx.lse, ctx.t, dv,
+                            ctx.block_mask, ctx.scale, ctx.run)
+            dt = dt.sum(0, keepdim=True) if ctx.t_shape[0] == 1 else dt
+            dt = dt.to(ctx.t_dtype)
+        ctx.graph = None
+        return dq, dk, dv, dt, None, None, None
+
+
+def _reader(t: torch.Tensor, hq: int):
+    """``read(b, h, j)`` → ``t[b, h // group, j]`` (a batch of 1 is read at 0 for every row)."""
+    group = hq // t.shape[1]
+    if t.shape[0] > 1:
+        return lambda b, h, j: t[b, h // group, j]
+    t0 = t[0]
+    return lambda b, h, j: t0[h // group, j]
+
+
+def _key_bias_mod(t: torch.Tensor, hq: int):
+    read = _reader(t, hq)
+
+    def key_bias(score, b, h, q_idx, kv_idx):
+        return score + read(b, h, kv_idx)
+
+    return key_bias
+
+
+def _bias_grad(q, k, v, out, grad_out, lse, t, dv, block_mask, scale, run) -> torch.Tensor:
+    """``dt`` ``[B, Hs, KV]`` (float32, float64 for float64 inputs) from the closed form in the module docstring."""
+    B, hq, n, _ = q.shape
+    hkv, kv = k.shape[1], k.shape[2]
+    hs = t.shape[1]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    delta = (grad_out.to(acc) * out.to(acc)).sum(-1)  # [B, Hq, Q]
+    values = torch.zeros(B, hq, n, VALUE_WIDTH, dtype=q.dtype, device=q.device)
+    values[..., 0] = delta
+    keys_as_queries = k.repeat_interleave(hq // hkv, dim=1)  # [B, Hq, KV, D]
+    read = _reader(t, hq)
+
+    def transposed(score, b, h, kv_idx, q_idx):  # "queries" are keys, "keys" are queries
+        return score + read(b, h, kv_idx) - lse[b, h, q_idx]
+
+    with torch.no_grad():
+        mass_avg, log_mass = run(keys_as_queries, q, values, transposed, _transpose(block_mask), scale)
+    mass = mass_avg[..., 0].to(acc) * log_mass.to(acc).exp()  # Σ_i P_ij Δ_i  [B, Hq, KV]
+    first = (v.to(acc) * dv.to(acc)).sum(-1)  # v_j · dV_j, dV summed over each query group [B, Hkv, KV]
+    return first.view(B, hs, hkv // hs, kv).sum(2) - mass.view(B, hs, hq // hs, kv).sum(2)
+
+
+def _transpose(bm: BlockMask | None) -> BlockMask | None:
+    """The ``BlockMask`` of the transposed problem (keys as queries), sharing ``bm``'s tensors."""
+    if bm is None:
+        return None
+    mod = bm.mask_mod
+
+    def transposed_mask(b, h, kv_idx, q_idx):
+        return mod(b, h, q_idx, kv_idx)
+
+    q_len, kv_len = bm.seq_lengths
+    return BlockMask(
+        (kv_len, q_len),
+        bm.q_num_blocks,
+        bm.q_indices,
+        bm.full_q_num_blocks,
+        bm.full_q_indices,
+        bm.kv_num_blocks,
+        bm.kv_indices,
+        bm.full_kv_num_blocks,
+        bm.full_kv_indices,
+        BLOCK_SIZE=(bm.BLOCK_SIZE[1], bm.BLOCK_SIZE[0]),
+        mask_mod=transposed_mask,
+    )

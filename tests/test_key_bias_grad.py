@@ -1,0 +1,111 @@
+"""The per-key bias gradient by the closed form (flexmask/backends/key_bias.py) vs float64 autograd.
+
+On CPU flex runs forward only, so the differentiable main pass is a dense stand-in here, while the
+transposed pass (keys as queries, the transposed BlockMask) runs through real FlexAttention.
+"""
+
+import math
+
+import pytest
+import torch
+from torch.nn.attention.flex_attention import AuxRequest, flex_attention
+
+import flexmask as fm
+from flexmask.backends import key_bias
+
+_flex_eager = torch.compile(flex_attention, backend="eager", fullgraph=True)
+
+
+def _grid(q, k):
+    B, H, Q, _ = q.shape
+    kv = k.shape[2]
+    return (torch.arange(B).view(B, 1, 1, 1), torch.arange(H).view(1, H, 1, 1),
+            torch.arange(Q).view(1, 1, Q, 1), torch.arange(kv).view(1, 1, 1, kv))
+
+
+def run(q, k, v, score_mod, block_mask, scale):
+    """Dense and differentiable while q/k/v need grad; real (eager) flex otherwise."""
+    if not q.requires_grad:
+        out, aux = _flex_eager(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                               enable_gqa=q.shape[1] != k.shape[1], return_aux=AuxRequest(lse=True))
+        return out, aux.lse
+    g = q.shape[1] // k.shape[1]
+    kk, vv = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    b, h, i, j = _grid(q, k)
+    s = score_mod(scale * q @ kk.transpose(-1, -2), b, h, i, j)
+    s = s.masked_fill(~block_mask.mask_mod(b, h, i, j), -math.inf)
+    lse = s.logsumexp(-1)
+    return torch.softmax(s, -1) @ vv, lse
+
+
+def dense_reference(q, k, v, t, allowed, scale):
+    g = q.shape[1] // k.shape[1]
+    kk, vv = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    tt = t.repeat_interleave(q.shape[1] // t.shape[1], 1)[:, :, None, :]
+    s = (scale * q @ kk.transpose(-1, -2) + tt).masked_fill(~allowed, -math.inf)
+    return torch.softmax(s, -1) @ vv
+
+
+@pytest.mark.parametrize("hs,tb,n", [(2, 2, 200), (1, 2, 131), (2, 1, 77)])
+def test_key_bias_gradient_closed_form_matches_autograd(hs, tb, n):
+    gen = torch.Generator().manual_seed(1000 + n)
+    B, Hq, Hkv, D = 2, 4, 2, 16
+    q, k, v = (torch.randn(B, h, n, D, generator=gen, dtype=torch.float64) for h in (Hq, Hkv, Hkv))
+    t = torch.randn(tb, hs, n, generator=gen, dtype=torch.float64)
+    mask = fm.causal() & (fm.sliding_window(23) | fm.topk(torch.randn(B, Hkv, n, generator=gen), 9))
+    bm = mask.block_mask(n, n, batch=B, heads=Hq, block_size=32)
+    allowed = mask.to_dense(n, n, batch=B, heads=Hq)
+    ins = [x.clone().requires_grad_() for x in (q, k, v, t)]
+    out = key_bias.attention(*ins, bm, 0.3, run)
+    grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad(out, ins, grad_out)
+    ref_ins = [x.clone().requires_grad_() for x in (q, k, v, t)]
+    ref = dense_reference(*ref_ins, allowed, 0.3)
+    want = torch.autograd.grad(ref, ref_ins, grad_out)
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-9, atol=1e-9)
+    for name, a, b in zip("qkvt", got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-8, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+def test_supported_bias_heads():
+    assert key_bias.supported(torch.zeros(1, 2, 8), 8, 2) and key_bias.supported(torch.zeros(1, 1, 8), 8, 2)
+    assert not key_bias.supported(torch.zeros(1, 8, 8), 8, 2)
+
+
+@pytest.mark.parametrize("which", ["token", "block"])
+def test_fm_attention_routes_key_bias_gradients_through_the_closed_form(monkeypatch, which):
+    """fm.attention (flex backend) takes the closed form for DMA's key bias: the token layout and
+    the plain BlockMask path; the result and all gradients match float64 autograd."""
+    import importlib
+
+    from flexmask.backends import flex
+
+    attention_module = importlib.import_module("flexmask.attention")  # the module, not fm.attention
+
+    used = []
+
+    def counting_run(*args):
+        used.append(args[0].requires_grad)
+        return run(*args)
+
+    monkeypatch.setattr(attention_module, "with_lse", counting_run)
+    monkeypatch.setattr(flex, "with_lse", counting_run)
+    monkeypatch.setattr(attention_module, "_needs_grad", lambda *a: False)  # CPU flex guard: the stand-in trains
+    monkeypatch.setattr(key_bias, "applies", lambda bias, softcap, q, k: bias is not None and softcap is None)
+    gen = torch.Generator().manual_seed(7)
+    B, Hq, Hkv, n, D = 2, 4, 2, 300, 16
+    q, k, v = (torch.randn(B, h, n, D, generator=gen, dtype=torch.float64) for h in (Hq, Hkv, Hkv))
+    s = torch.randn(B, Hkv, n, generator=gen, dtype=torch.float64)
+    make = (lambda x: fm.topk(x, 24)) if which == "token" else (lambda x: fm.topk_blocks(x, 2, block_size=128))
+    ins = [x.clone().requires_grad_() for x in (q, k, v, s)]
+    out = fm.attention(*ins[:3], mask=make(ins[3].detach()), bias=fm.key_bias(ins[3]), backend="flex")
+    grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad(out, ins, grad_out)
+    assert used == [True, False]  # the main pass, then (in backward) the transposed one
+    ref_ins = [x.clone().requires_grad_() for x in (q, k, v, s)]
+    allowed = make(s).to_dense(n, n, batch=B, heads=Hq)
+    ref = dense_reference(*ref_ins[:3], ref_ins[3], allowed, D**-0.5)
+    want = torch.autograd.grad(ref, ref_ins, grad_out)
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-9, atol=1e-9)
+    for name, a, b in zip("qkvs", got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-8, msg=lambda m, name=name: f"d{name}: {m}")
