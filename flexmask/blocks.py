@@ -144,7 +144,9 @@ def _ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     idx = torch.arange(b.shape[-1], device=b.device, dtype=torch.int32).expand_as(b)
     pos = torch.where(blocks, before, counts[..., None] + idx - before)
     order = torch.empty_like(b).scatter_(-1, pos.long(), idx)
-    return counts.contiguous(), order
+    # contiguous: flex's kernels read the index tensors as row-major (a transposed map's order,
+    # left strided, gave wrong backward gradients and transposed passes on an H100)
+    return counts.contiguous(), order.contiguous()
 
 
 def _block_tensors(any_: torch.Tensor, all_: torch.Tensor) -> tuple[torch.Tensor, ...]:

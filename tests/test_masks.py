@@ -539,3 +539,15 @@ def test_cache_sees_in_place_updates_of_mask_tensors():
     i, j = positions(N, N)
     idn = ids[0].numpy()
     check_block_mask(cached_block_mask(m, layout, bs), (idn[i] == idn[j])[None], bs)
+
+
+def test_block_mask_index_tensors_are_contiguous():
+    """flex's GPU kernels read a BlockMask's index tensors as row-major: every one must be contiguous
+    (a strided q-side order once gave wrong backward gradients on an H100)."""
+    ids = torch.tensor([[0] * 100 + [1] * 200])
+    scores = torch.randn(1, 2, 300)
+    for mask in (fm.causal() & fm.sliding_window(50), fm.causal() & fm.document(ids), fm.topk_blocks(scores, 1)):
+        bm = mask.block_mask(300, 300, heads=2, block_size=64)
+        tensors = (bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
+                   bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices)
+        assert all(t.is_contiguous() for t in tensors), repr(mask)
