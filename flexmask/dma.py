@@ -101,15 +101,23 @@ def interval_ends(scores: torch.Tensor, k: int, segments: torch.Tensor | None = 
 
 
 def _block_ranks(block_scores: torch.Tensor, k: int) -> torch.Tensor:
-    """``[2, R, nb]``: each block's rank and the threshold of each query block (blocks before it)."""
+    """``[2, R, nb]``: each block's rank and the threshold of each query block (blocks before it).
+
+    Block counts are small (``N / 128``), so the ``k``-th smallest rank before each query block
+    comes from one ``[R, nb, nb]`` block-level matrix and ``kthvalue``: a handful of kernels,
+    nothing to compile (``O((N / 128)²)`` like the BlockMask itself).
+    """
     rank = _rank_keys(block_scores, None)
-    inclusive = prefix_kth_smallest(rank, k)
-    threshold = torch.cat([rank.new_full((rank.shape[0], 1), rank.shape[1]), inclusive[:, :-1]], -1)
+    rows, nb = rank.shape
+    if k > nb:
+        return torch.stack([rank, torch.full_like(rank, nb)])
+    u = torch.arange(nb, device=rank.device)
+    before = torch.where(u[None, :] < u[:, None], rank[:, None, :], nb)  # [R, t, u]: ranks of blocks u < t
+    threshold = before.kthvalue(k, dim=-1).values  # nb while fewer than k blocks precede t
     return torch.stack([rank, threshold])
 
 
 _interval_ends_fused = compiled_on_cuda(interval_ends)
-_block_ranks_fused = compiled_on_cuda(_block_ranks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,7 +335,7 @@ class TopKBlocks(_ContentMask):
                 lengths = self._padding.lengths.to(layout.device).view(-1, 1, 1)
                 s = s.masked_fill(torch.arange(nb, device=layout.device) * bs >= lengths, float("-inf"))
             b, hs, _ = s.shape
-            self._cache = {key: _block_ranks_fused(s.reshape(b * hs, nb), self.k).reshape(2, b, hs, nb)}
+            self._cache = {key: _block_ranks(s.reshape(b * hs, nb), self.k).reshape(2, b, hs, nb)}
         return self._cache[key]
 
     def _mask_mod(self, layout):

@@ -115,7 +115,8 @@ def _bias_grad(q, k, v, out, grad_out, lse, t, dv, block_mask, scale, run) -> to
     hkv, kv = k.shape[1], k.shape[2]
     hs = t.shape[1]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    delta = (grad_out.to(acc) * out.to(acc)).sum(-1)  # [B, Hq, Q]
+    # products in the inputs' dtype, sums in float32: Δ goes through the kernel in q's dtype anyway
+    delta = torch.mul(grad_out, out).sum(-1, dtype=acc)  # [B, Hq, Q]
     values = torch.zeros(B, hq, n, VALUE_WIDTH, dtype=q.dtype, device=q.device)
     values[..., 0] = delta
     keys_as_queries = k.repeat_interleave(hq // hkv, dim=1)  # [B, Hq, KV, D]
@@ -127,7 +128,7 @@ def _bias_grad(q, k, v, out, grad_out, lse, t, dv, block_mask, scale, run) -> to
     with torch.no_grad():
         mass_avg, log_mass = run(keys_as_queries, q, values, transposed, _transpose(block_mask), scale)
     mass = mass_avg[..., 0].to(acc) * log_mass.to(acc).exp()  # Σ_i P_ij Δ_i  [B, Hq, KV]
-    first = (v.to(acc) * dv.to(acc)).sum(-1)  # v_j · dV_j, dV summed over each query group [B, Hkv, KV]
+    first = torch.mul(v, dv).sum(-1, dtype=acc)  # v_j · dV_j, dV summed over each query group [B, Hkv, KV]
     return first.view(B, hs, hkv // hs, kv).sum(2) - mass.view(B, hs, hq // hs, kv).sum(2)
 
 
