@@ -1101,6 +1101,70 @@ def _dma_config(env: Env, args, n: int, hq: int, hkv: int, rows: list[Row], repo
     runner.cleanup()
 
 
+DECODE_COLUMNS = [
+    Column("K", "K", "int"),
+    Column("variant", "variant", "text"),
+    Column("fwd_ms", "attention ms", "ms"),
+    Column("fwd_x", "vs SDPA", "x"),
+    Column("step_ms", "step ms (fresh mask)", "ms"),
+    Column("step_x", "step vs SDPA", "x"),
+    Column("first_call_s", "first call s", "s"),
+]
+
+
+def _decode_rows(env: Env, args, report: Report) -> None:
+    """Decoding, Q = 1 against K cached keys: SDPA (the newest query sees every key) vs DMA token top-k."""
+    hq, hkv = args.paper_heads
+    rows = report.section(
+        f"Decoding, Q=1, Hq={hq}, Hkv={hkv}", DECODE_COLUMNS,
+        ["attention: the call with the mask prebuilt (scores unchanged); step: a fresh `fm.topk` mask every call "
+         "(the selection over all K scores plus the attention), as when a new token arrives. No gradients."],
+    )
+    for n in args.decode_lengths:
+        _decode_length(env, args, n, rows, report)
+        env.runner.cleanup()
+
+
+def _decode_length(env: Env, args, n: int, rows: list[Row], report: Report) -> None:
+    hq, hkv = args.paper_heads
+    dev, dt, d = env.device, env.dtype, args.head_dim
+    q = torch.randn(1, hq, 1, d, device=dev, dtype=dt, generator=env.gen)
+    k = torch.randn(1, hkv, n, d, device=dev, dtype=dt, generator=env.gen)
+    v = torch.randn(1, hkv, n, d, device=dev, dtype=dt, generator=env.gen)
+    s = torch.randn(1, hkv, n, device=dev, generator=env.gen)
+    mask, bias = fm.topk(s, args.window), fm.key_bias(s)
+
+    def sdpa():
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=hq != hkv)
+
+    def dma():
+        return fm.attention(q, k, v, mask=mask, bias=bias)
+
+    def dma_step():
+        return fm.attention(q, k, v, mask=fm.topk(s, args.window), bias=fm.key_bias(s))
+
+    ref: Row | None = None
+    for title, fn, step in (("SDPA (all keys)", sdpa, None), (f"DMA token top-k {args.window}", dma, dma_step)):
+        row: Row = {"K": n, "variant": title}
+        label = f"decode K={n} {title}"
+        with torch.no_grad():
+            first = env.runner.run(f"{label} first call", lambda fn=fn: first_call(fn, dev))
+            if isinstance(first, Note):
+                row["fwd_ms"] = first
+            else:
+                row["first_call_s"] = first[0]
+                row["fwd_ms"] = env.runner.run(label, lambda fn=fn: env.clock(fn))
+                if step is not None:
+                    row["step_ms"] = env.runner.run(f"{label} step", lambda step=step: env.clock(step))
+        ref = ref or row
+        row["fwd_x"] = _ratio(ref.get("fwd_ms"), row.get("fwd_ms"))
+        if "step_ms" in row:
+            row["step_x"] = _ratio(ref.get("fwd_ms"), row["step_ms"])
+        rows.append(row)
+        env.runner.log(f"{label}: {_fmt(row.get('fwd_ms'), 'ms')} ms, step {_fmt(row.get('step_ms'), 'ms')} ms")
+        report.save()
+
+
 def _dma_targets(report: Report, rows: list[Row], hq: int) -> None:
     def find(n, key, scores="random"):
         return next((r for r in rows if r["N"] == n and r["key"] == key and r["Hq"] == hq and r["scores"] == scores),
@@ -1175,6 +1239,8 @@ def run_dma(args, argv: list[str]) -> Report:
     order = {v: i for i, v in enumerate(VARIANTS)}
     for rows in (main_rows, paper_rows):
         rows.sort(key=lambda r: (r["N"], order[r["key"]], r["scores"]))
+    if args.decode_lengths:
+        _decode_rows(env, args, report)
     _dma_targets(report, main_rows, args.heads)
     return _finish(report, runner)
 
@@ -1252,6 +1318,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--scores", type=_csv(SCORES), default=list(SCORES), help="random,clustered (default both)")
     d.add_argument("--paper-length", type=int, default=32768,
                    help="N of the paper configuration (default 32768; 0 skips it)")
+    d.add_argument("--decode-lengths", type=lambda t: parse_lengths(t) if t not in ("", "0") else [],
+                   default=[], help="K values of a decoding section (Q=1, --paper-heads, no gradients), "
+                   "e.g. 4k,16k,64k (default: none)")
     d.add_argument("--paper-heads", type=lambda t: tuple(int(x) for x in t.split(",")), default=(2, 1),
                    help="Hq,Hkv of the paper configuration (default 2,1)")
     return parser

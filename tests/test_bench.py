@@ -236,3 +236,17 @@ def test_scores_kinds():
     noise = bench.make_scores("random", 1, 4096, g, torch.device("cpu"))[0, 0]
     # neighbours are alike in a random walk, unrelated in noise
     assert (walk[1:] - walk[:-1]).abs().mean() < 0.2 < (noise[1:] - noise[:-1]).abs().mean()
+
+
+def test_bench_dma_decode_section(capsys):
+    argv = ["dma", *TINY, "--lengths", "256", "--window", "64", "--paper-length", "0", "--variants", "sdpa",
+            "--decode-lengths", "200,300"]
+    assert bench.main(argv) == 0
+    rows = section(parse_tables(capsys.readouterr().out), "Decoding, Q=1, Hq=2, Hkv=1")
+    assert [(r["K"], r["variant"]) for r in rows] == [
+        (k, v) for k in ("200", "300") for v in ("SDPA (all keys)", "DMA token top-k 64")
+    ]
+    for r in rows:
+        number(r["attention ms"])
+        number(r["vs SDPA"])
+    number(rows[1]["step ms (fresh mask)"])
