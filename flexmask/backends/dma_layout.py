@@ -129,6 +129,8 @@ def _mark(diff: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
 # Set to False to run token-level top-k masks through the plain interval BlockMask instead.
 ENABLED = True
 BLOCK = 128
+# False: the K/V copies' backward is index_select's own (one index_add with bf16 atomics).
+COPY_BY_COPY_BACKWARD = True
 
 
 def applies(mask, bias, softcap, layout, k: torch.Tensor) -> bool:
@@ -163,7 +165,8 @@ def layout_attention(q, k, v, mask, bias, scale: float, layout) -> torch.Tensor:
     bounds = state["plan"]["bounds"]
 
     def copy(x):  # rows of x in layout order
-        flat = _LayoutRows.apply(x.reshape(B * Hkv * n, x.shape[-1]), rows, bounds, m)
+        flat = x.reshape(B * Hkv * n, x.shape[-1])
+        flat = _LayoutRows.apply(flat, rows, bounds, m) if COPY_BY_COPY_BACKWARD else flat.index_select(0, rows)
         return flat.view(B, Hkv, m, x.shape[-1])
 
     score_mod = None
