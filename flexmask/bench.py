@@ -1128,10 +1128,10 @@ def _decode_rows(env: Env, args, report: Report) -> None:
 def _decode_length(env: Env, args, n: int, rows: list[Row], report: Report) -> None:
     hq, hkv = args.paper_heads
     dev, dt, d = env.device, env.dtype, args.head_dim
-    q = torch.randn(1, hq, 1, d, device=dev, dtype=dt, generator=env.gen)
-    k = torch.randn(1, hkv, n, d, device=dev, dtype=dt, generator=env.gen)
-    v = torch.randn(1, hkv, n, d, device=dev, dtype=dt, generator=env.gen)
-    s = torch.randn(1, hkv, n, device=dev, generator=env.gen)
+    q = torch.randn(1, hq, 1, d, device=dev, dtype=dt)
+    k = torch.randn(1, hkv, n, d, device=dev, dtype=dt)
+    v = torch.randn(1, hkv, n, d, device=dev, dtype=dt)
+    s = make_scores("random", hkv, n, env.gen, dev).detach()
     mask, bias = fm.topk(s, args.window), fm.key_bias(s)
 
     def sdpa():

@@ -378,21 +378,3 @@ def test_layout_attention_matches_reference(monkeypatch):
     ref = dense_attention(q, k, v, heads_to(brute_topk(s, w), Hq), heads_to(s, Hq)).float()
     torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
 
-
-def test_layout_rows_backward_adds_every_copy_back():
-    """The layout's K/V copy (flexmask/backends/dma_layout._LayoutRows) has a copy-by-copy,
-    non-atomic backward; it must equal the gradient of a plain row gather."""
-    from flexmask.backends.dma_layout import _LayoutRows, plan
-    from flexmask.dma import interval_ends
-
-    torch.manual_seed(5)
-    B, H, n, D, w = 2, 3, 700, 8, 40
-    p = plan(interval_ends(torch.randn(B * H, n), w), 64, w)
-    m = p["length"]
-    assert p["bounds"][0] == 0 and p["bounds"][1] == n and p["bounds"][-1] == m
-    rows = (p["orig"].view(B, H, m) + torch.arange(B * H).view(B, H, 1) * n).reshape(-1)
-    x = torch.randn(B * H * n, D, dtype=torch.float64, requires_grad=True)
-    g = torch.randn(B * H * m, D, dtype=torch.float64)
-    got = torch.autograd.grad(_LayoutRows.apply(x, rows, p["bounds"], m), x, g)[0]
-    want = torch.autograd.grad(x[rows], x, g)[0]
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
