@@ -269,7 +269,12 @@ class TopK(_ContentMask):
             s, segments = self._candidate_scores(layout)
             b, hs, n = s.shape
             flat = None if segments is None else segments.reshape(b * hs, n)
-            e = _interval_ends_fused(s.reshape(b * hs, n), self.k, flat).reshape(b, hs, n)
+            if layout.q_len == 1:  # decoding: the one query (the last position) keeps the k best ranks
+                rank = _rank_keys(s.reshape(b * hs, n), flat)
+                pos = torch.arange(n, device=s.device)
+                e = torch.where(rank < self.k, n, pos).reshape(b, hs, n)
+            else:
+                e = _interval_ends_fused(s.reshape(b * hs, n), self.k, flat).reshape(b, hs, n)
             self._cache = {key: e.to(torch.int32)}  # new scores: drop everything derived from old ones
         return self._cache[key]
 
@@ -288,7 +293,8 @@ class TopK(_ContentMask):
     def _classify(self, layout, qr, kr):
         ends = self.interval_ends(layout)
         e_min, e_max = _interval_extents_fused(ends, kr.size)
-        group = layout.heads // ends.shape[1]
+        # one score head stays one BlockMask head (broadcast): flex's decoding kernel needs that with GQA
+        group = layout.heads // ends.shape[1] if ends.shape[1] > 1 else 1
         e_max = e_max.repeat_interleave(group, 1)[:, :, None, :]
         e_min = e_min.repeat_interleave(group, 1)[:, :, None, :]
         any_ = (kr.lo <= qr.hi) & (e_max > qr.lo)
@@ -358,8 +364,8 @@ class TopKBlocks(_ContentMask):
 
             return _classify_densely(self._mask_mod(layout), layout, qr, kr)
         sel = self.block_selection(layout)
-        group = layout.heads // sel.shape[2]
-        rank = sel[0].repeat_interleave(group, 1)  # [B, Hq, nb]
+        group = layout.heads // sel.shape[2] if sel.shape[2] > 1 else 1  # one score head: broadcast
+        rank = sel[0].repeat_interleave(group, 1)  # [B, Hq or 1, nb]
         threshold = sel[1].repeat_interleave(group, 1)
         bs = self.block_size
         t_lo, t_hi = (qr.lo // bs)[:, 0], (qr.hi // bs)[:, 0]  # absolute query blocks of each call block

@@ -378,3 +378,20 @@ def test_layout_attention_matches_reference(monkeypatch):
     ref = dense_attention(q, k, v, heads_to(brute_topk(s, w), Hq), heads_to(s, Hq)).float()
     torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
 
+
+
+@pytest.mark.parametrize("among", [None, "padding", "document"])
+def test_topk_for_one_decoding_query_matches_brute_force(among):
+    """Q = 1 (decoding) takes a shortcut for the interval ends; the kept keys must be exact."""
+    g = torch.Generator().manual_seed(21)
+    B, H, n, k = 2, 3, 150, 17
+    s = torch.randint(0, 4, (B, H, n), generator=g).float()  # many ties
+    lengths = torch.tensor([150, 90])
+    ids = torch.repeat_interleave(torch.arange(3), torch.tensor([40, 60, 50]))[None].expand(B, n)
+    kw = {"lengths": lengths} if among == "padding" else {"ids": ids} if among == "document" else {}
+    m = {"padding": fm.padding(lengths), "document": fm.document(ids), None: None}[among]
+    got = fm.topk(s, k, among=m).to_dense(1, n, batch=B, heads=H)[:, :, 0]
+    want = brute_topk(s, k, **kw)[:, :, -1]
+    if among is not None:
+        want = want & m.to_dense(n, n, batch=B, heads=H)[:, :, -1]
+    assert torch.equal(got, want)

@@ -200,8 +200,9 @@ def _prepare(mask, layout) -> dict:
     nq, nkb = p["any_"].shape[-2:]
     any_ = p["any_"].view(B, hs, nq, nkb)
     all_ = p["all_"].view(B, hs, nq, nkb)
+    repeat = group if hs > 1 else 1  # one score head stays one BlockMask head (broadcast)
     return {
         "index": orig,
-        "block_mask": from_block_states(any_, all_ & any_, dma_layout, n, m, BLOCK, repeat_heads=group),
+        "block_mask": from_block_states(any_, all_ & any_, dma_layout, n, m, BLOCK, repeat_heads=repeat),
         "plan": p,
     }
