@@ -255,9 +255,6 @@ def _interval_extents(ends: torch.Tensor, block_size: int) -> tuple[torch.Tensor
     return per_block_min_max(ends, block_size)[0], per_block_min_max(alive, block_size)[1]
 
 
-_interval_extents_fused = compiled_on_cuda(_interval_extents)
-
-
 class TopK(_ContentMask):
     def __init__(self, scores: torch.Tensor, k: int, among: Mask | None = None):
         super().__init__(scores, k, among, "topk")
@@ -292,7 +289,7 @@ class TopK(_ContentMask):
 
     def _classify(self, layout, qr, kr):
         ends = self.interval_ends(layout)
-        e_min, e_max = _interval_extents_fused(ends, kr.size)
+        e_min, e_max = _interval_extents(ends, kr.size)  # eager: compiled, it recompiled per cache length
         # one score head stays one BlockMask head (broadcast): flex's decoding kernel needs that with GQA
         group = layout.heads // ends.shape[1] if ends.shape[1] > 1 else 1
         e_max = e_max.repeat_interleave(group, 1)[:, :, None, :]

@@ -79,3 +79,20 @@ def test_module_on_gpu_trains():
     layer(x).float().square().mean().backward()
     for name, p in layer.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_decoding_with_a_growing_cache_compiles_a_bounded_number_of_graphs():
+    """Q = 1 against K = 3000 … 3039 cached keys with a fresh top-k mask each step: the flex decoding
+    kernel goes dynamic after the second length; nothing else may compile per length."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 1, 64, device="cuda", dtype=torch.bfloat16)
+    before = counters["stats"]["unique_graphs"]
+    for n in range(3000, 3040):
+        k = torch.randn(1, 1, n, 64, device="cuda", dtype=torch.bfloat16)
+        s = torch.randn(1, 1, n, device="cuda")
+        with torch.no_grad():
+            out = fm.attention(q, k, k, mask=fm.topk(s, 256), bias=fm.key_bias(s))
+    assert torch.isfinite(out).all()
+    assert counters["stats"]["unique_graphs"] - before <= 4
