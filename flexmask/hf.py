@@ -42,7 +42,7 @@ from torch.overrides import TorchFunctionMode
 from .attention import Backend, attention
 from .bias import Bias, key_bias, tensor_bias
 from .blocks import Layout, per_block_min_max
-from .dma import dynamic_bias, topk
+from .dma import dynamic_bias, topk, topk_blocks
 from .masks import Mask, causal, document, sliding_window
 from .masks import mask as function_mask
 
@@ -404,7 +404,7 @@ def attention_forward(
     bias = None if spec is None else spec.bias
     if spec is not None and spec.dma is not None:
         scores = dynamic_bias(value, module.dt_proj, module.A, spec.dma["bias_form"])  # [B, Hb, KV]
-        selection = _dma_selection(scores, spec.dma["keep_window"], attention_mask)
+        selection = _dma_selection(scores, spec.dma, attention_mask)
         mask = _and(mask, selection)
         dyn = key_bias(scores.to(query.dtype))
         bias = dyn if bias is None else bias + dyn
@@ -421,8 +421,9 @@ def attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
-def _dma_selection(scores: torch.Tensor, keep_window: int, model: ModelMask) -> Mask | None:
+def _dma_selection(scores: torch.Tensor, settings: dict, model: ModelMask) -> Mask | None:
     """The top-``keep_window`` selection of DMA given the model's mask, or ``None`` when it keeps everything."""
+    keep_window = settings["keep_window"]
     if not model.aligned:
         raise NotImplementedError("DMA with a static cache (queries not the last keys) is not supported")
     if scores.shape[-1] <= keep_window:
@@ -433,6 +434,9 @@ def _dma_selection(scores: torch.Tensor, keep_window: int, model: ModelMask) -> 
         raise NotImplementedError(
             f"DMA top-{keep_window} inside a sliding window of {model.window} is not supported"
         )
+    if settings.get("selection", "token") == "block":
+        block_size = settings.get("block_size", 128)
+        return topk_blocks(scores, keep_window // block_size, block_size=block_size, among=model.candidates())
     return topk(scores, keep_window, among=model.candidates())
 
 
@@ -586,6 +590,8 @@ def to_dma(
     *,
     bias_form: Literal["exp", "linear"] = "exp",
     bias_heads: Literal["kv", "q"] = "kv",
+    selection: Literal["token", "block"] = "token",
+    block_size: int = 128,
     mask: LayerMask = None,
     bias: LayerBias = None,
     backend: Backend = "auto",
@@ -605,6 +611,10 @@ def to_dma(
         keep_window: keys kept per query (``w``).
         bias_form: ``"exp"`` (paper, Doge) or ``"linear"``.
         bias_heads: ``"kv"`` (one score per KV head, as Doge) or ``"q"``.
+        selection: ``"token"`` (:func:`flexmask.topk`: the best keys) or ``"block"``
+            (:func:`flexmask.topk_blocks`: the best ``keep_window // block_size`` key blocks by their
+            best key, plus the diagonal block).
+        block_size: key block length for ``"block"`` selection.
         mask: as in :func:`apply`.
         bias: as in :func:`apply`.
         backend: as in :func:`apply`.
@@ -628,6 +638,13 @@ def to_dma(
         raise ValueError(f"bias_form must be 'exp' or 'linear', got {bias_form!r}")
     if bias_heads not in ("kv", "q"):
         raise ValueError(f"bias_heads must be 'kv' or 'q', got {bias_heads!r}")
+    if selection not in ("token", "block"):
+        raise ValueError(f"selection must be 'token' or 'block', got {selection!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if selection == "block" and keep_window < block_size:
+        raise ValueError(f"selection='block' keeps keep_window // block_size blocks: keep_window={keep_window} "
+                         f"is smaller than block_size={block_size}")
     layers = attention_layers(model)
     if not layers:
         raise ValueError(f"found no attention layers (modules with `layer_idx`) in {type(model).__name__}")
@@ -642,6 +659,8 @@ def to_dma(
         module.dt_proj = nn.Linear(kv_heads * head_dim, heads, device=weight.device, dtype=weight.dtype)
         module.A = nn.Parameter(torch.zeros(heads, device=weight.device, dtype=weight.dtype))
     model.config.flexmask_dma = {"keep_window": keep_window, "bias_form": bias_form, "bias_heads": bias_heads}
+    if selection != "token":  # (configs saved before block selection existed have no such keys)
+        model.config.flexmask_dma.update(selection=selection, block_size=block_size)
     return apply(model, mask, bias, backend=backend)
 
 

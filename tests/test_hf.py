@@ -419,3 +419,28 @@ def test_gpu_generate_equals_sdpa():
         fm.hf.apply(model)
         out = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=0)
     assert torch.equal(out, ref)
+
+
+@needs_topk
+def test_to_dma_block_selection(gen, tmp_path):
+    """selection="block": at A = 0 the best blocks are the latest ones (ties go later), so the model
+    equals one masked with the last keep_window // block_size blocks plus the causal diagonal block;
+    it trains, and the setting survives save/load."""
+    ids = torch.randint(1, V, (2, 22), generator=gen)
+    converted, reference = llama(torch.float64), llama(torch.float64)
+    reference.load_state_dict(converted.state_dict())
+    fm.hf.to_dma(converted, keep_window=8, selection="block", block_size=4)
+    recent_blocks = fm.mask(lambda b, h, q_idx, kv_idx: kv_idx // 4 >= q_idx // 4 - 2)
+    fm.hf.apply(reference, mask=recent_blocks)
+    with torch.no_grad():
+        close(converted(ids).logits, reference(ids).logits, torch.float64)
+    converted.train()
+    converted(ids, labels=ids).loss.backward()
+    assert all(torch.isfinite(layer.self_attn.A.grad).all() for layer in converted.model.layers)
+    converted.save_pretrained(tmp_path)
+    loaded = fm.hf.load_dma(transformers.LlamaForCausalLM, tmp_path, torch_dtype=torch.float64)
+    assert loaded.config.flexmask_dma["selection"] == "block" and loaded.config.flexmask_dma["block_size"] == 4
+    with pytest.raises(ValueError, match="selection must be"):
+        fm.hf.to_dma(llama(), keep_window=8, selection="blocks")
+    with pytest.raises(ValueError, match="smaller than block_size"):
+        fm.hf.to_dma(llama(), keep_window=8, selection="block", block_size=16)
