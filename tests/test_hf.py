@@ -421,6 +421,32 @@ def test_gpu_generate_equals_sdpa():
     assert torch.equal(out, ref)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_compiled_training_step_and_generate_match_sdpa():
+    """torch.compile(model) with flexmask: a training step (loss and every gradient) and greedy
+    generate() with a KV cache agree with the same model on SDPA."""
+    torch.manual_seed(0)
+    model, ref_model = llama(layers=2).to("cuda"), llama(layers=2).to("cuda")
+    ref_model.load_state_dict(model.state_dict())
+    ids = torch.randint(1, V, (2, 128), device="cuda")
+    ref_loss = ref_model.train()(ids, labels=ids).loss
+    ref_loss.backward()
+    fm.hf.apply(model.train())
+    loss = torch.compile(model)(ids, labels=ids).loss
+    loss.backward()
+    assert abs(loss.item() - ref_loss.item()) < 1e-4
+    for (name, p), r in zip(model.named_parameters(), ref_model.parameters(), strict=True):
+        assert ((p.grad - r.grad).norm() / r.grad.norm().clamp_min(1e-12)).item() < 1e-3, name
+    with torch.no_grad():
+        prompt = ids[:, :32]
+        ref = ref_model.eval().generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        model.eval()
+        model.forward = torch.compile(model.forward)
+        out = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, ref)
+
+
 @needs_topk
 def test_to_dma_block_selection(gen, tmp_path):
     """selection="block": at A = 0 the best blocks are the latest ones (ties go later), so the model
