@@ -60,6 +60,7 @@ import torch.nn.functional as F
 import flexmask as fm
 
 from .attention import cached_block_mask
+from .backends import dma_layout
 from .blocks import Layout, build_block_mask
 
 Row = dict[str, Any]
@@ -925,7 +926,8 @@ DMA_COLUMNS = [
 DMA_NOTES = [
     "fwd: forward of a training step; fwd+bwd: plus gradients of q, k, v (and of the key scores for DMA, "
     "through `fm.key_bias`), mask prebuilt. vs SDPA: SDPA causal time / this time (higher is faster).",
-    "mask build: constructing the mask object + `flexmask.attention.cached_block_mask` on a fresh mask "
+    "mask build: constructing the mask object + what `fm.attention` builds from it on fresh scores (the token "
+    "key layout, `flexmask.backends.dma_layout.prepare`, or the BlockMask, `flexmask.attention.cached_block_mask`) "
     "(what a training step pays when the scores change). step: fwd+bwd with a fresh mask every call "
     "(build + attention, measured together). peak MiB: fwd+bwd, above the inputs. first call s: first fwd+bwd "
     "call incl. compilation (graphs: how many dynamo graphs it compiled).",
@@ -1006,7 +1008,13 @@ def _dma_row(env: Env, args, inputs, n: int, hq: int, hkv: int, variant: str, sc
         def fwd():
             return fm.attention(q, k, v, mask=mask, bias=bias)
 
-        extras["build"] = lambda: cached_block_mask(make_mask(s), layout)
+        def build():  # what fm.attention builds for a fresh mask: the token layout, or the BlockMask
+            fresh = make_mask(s)
+            if dma_layout.applies(fresh, bias, None, layout, k):
+                return dma_layout.prepare(fresh, layout)
+            return cached_block_mask(fresh, layout)
+
+        extras["build"] = build
         extras["step"] = lambda: _grad(
             fm.attention(q, k, v, mask=make_mask(s), bias=fm.key_bias(s)), (q, k, v, s), grad_out
         )

@@ -142,13 +142,19 @@ def applies(mask, bias, softcap, layout, k: torch.Tensor) -> bool:
     return bias is None or (isinstance(bias, KeyBias) and bias.t.shape[1:] == mask.scores.shape[1:])
 
 
+def prepare(mask, layout) -> dict:
+    """The layout state of a lone ``fm.topk`` mask (interval ends, plan, BlockMask), built once per
+    mask object and reused by :func:`layout_attention`; what a training step pays for new scores."""
+    return mask.cached(("layout", BLOCK, layout.heads), layout, lambda: _prepare(mask, layout))
+
+
 def layout_attention(q, k, v, mask, bias, scale: float, layout) -> torch.Tensor:
     """Exact DMA attention through the layout (see :func:`applies`). Returns ``[B, Hq, N, Dv]``."""
     from .flex import flex
 
     B, Hq, n, _ = q.shape
     Hkv = k.shape[1]
-    state = mask.cached(("layout", BLOCK, Hq), layout, lambda: _prepare(mask, layout))
+    state = prepare(mask, layout)
     index = state["index"]
     m = index.shape[-1]
     rows = state.get(("rows", Hkv))
