@@ -138,7 +138,7 @@ def lower_score(bias: Bias | None, softcap: float | None, layout: Layout) -> Cal
 @functools.lru_cache(maxsize=64)
 def _constant(value: float, device: torch.device) -> torch.Tensor:
     """A one-element float32 tensor on ``device`` (made once: no host-to-device copy per call)."""
-    return torch.tensor([value], device=device)
+    return torch.full((1,), value, device=device)
 
 
 def cached_block_mask(mask: Mask, layout: Layout, block_size: int = 128) -> BlockMask:

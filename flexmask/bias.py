@@ -210,7 +210,7 @@ class TensorBias(Bias):
         # term also works as a standalone score_mod, whose layout does not know the call's sizes.
         dims = tuple(d for d in range(4) if t.shape[d] > 1)
         t = t[tuple(slice(None) if d in dims else 0 for d in range(4))]
-        offset = torch.tensor([layout.offset], device=layout.device)  # see blocks.shift_queries
+        offset = torch.full((1,), layout.offset, device=layout.device)  # see blocks.shift_queries
 
         def tensor_bias(b, h, q_idx, kv_idx):
             idx = (b, h, q_idx - offset[0], kv_idx)

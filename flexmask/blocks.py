@@ -114,7 +114,9 @@ def shift_queries(mod: ModFn, offset: int, device) -> ModFn:
     """
     if offset == 0:
         return mod
-    shift = torch.tensor([offset], device=device)
+    # torch.full launches a fill kernel; torch.tensor([offset], device=...) would copy from pageable
+    # host memory, which synchronises the stream on every decoding step
+    shift = torch.full((1,), offset, device=device)
 
     def shifted(b, h, q_idx, kv_idx):
         return mod(b, h, q_idx + shift[0], kv_idx)
