@@ -304,9 +304,22 @@ def relative_bias(table: torch.Tensor, *, max_distance: int = 128, bidirectional
 def key_bias(t: torch.Tensor) -> Bias:
     """A per-key content bias: adds ``t[b, h, j]`` to every query's score of key ``j``.
 
+    Its gradient reaches ``t``. On CUDA, when it is the call's only bias and ``H`` is 1 or the KV
+    heads, ``fm.attention`` computes that gradient in closed form (``v_j · dV_j`` minus one
+    transposed flex pass) instead of FlexAttention's atomic accumulation, except for a lone
+    ``fm.topk`` mask, whose key layout keeps flex's own gradient (measured faster there).
+
     Args:
         t: ``[B or 1, H, kv_len]`` with ``H`` one of 1, the KV heads or the query heads (a KV head's
             value is shared by its query-head group). May require grad.
+
+    Example:
+        >>> import torch, flexmask as fm
+        >>> q = k = v = torch.randn(1, 2, 6, 8)
+        >>> t = torch.zeros(1, 2, 6, requires_grad=True)
+        >>> fm.attention(q, k, v, mask=fm.causal(), bias=fm.key_bias(t)).sum().backward()
+        >>> t.grad.shape
+        torch.Size([1, 2, 6])
     """
     return KeyBias(t)
 
