@@ -11,9 +11,13 @@ of a tile into ``t``'s gradient: all the queries of a tile hit the same few addr
 ``dV`` comes from flex's own backward (run without the bias gradient), and ``Σ_i P_ij Δ_i`` is an
 attention *of the keys over the queries*: flex on the transposed problem (keys as queries, the
 transposed ``BlockMask``), scores ``s_ij + t_j − lse_i``, values ``Δ``. It returns
-``Σ_i P_ij Δ_i / Σ_i P_ij`` and ``log Σ_i P_ij``, whose product is the sum. Its value head is 16
-wide, so it costs about half a forward. Exact in exact arithmetic; in bf16, the sum is rounded
-to bf16 like ``dV`` is.
+``Σ_i P_ij Δ_i / Σ_i P_ij`` and ``log Σ_i P_ij``, whose product is the sum. Exact in exact
+arithmetic; in bf16, the sum is rounded to bf16 like ``dV`` is.
+
+Measured on an H100 at N = 32k (Hq 16, Hkv 8, D 128): the transposed pass (value head 16) costs
+about as much as the forward (1.6 ms), so DMA block selection's fwd+bwd went from 10.7 ms
+(atomics) to 9.8 ms; over the token layout's 129k key copies it was slower than the atomics
+(17.1 vs 14.3 ms), so the layout does not use it.
 """
 
 from __future__ import annotations
