@@ -152,14 +152,21 @@ def _ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _block_tensors(any_: torch.Tensor, all_: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The eight index tensors of a BlockMask: partial and full blocks, by key and by query."""
+    """The eight index tensors of a BlockMask: partial and full blocks, by key and by query.
+
+    The maps are ordered in one batch (two when the grid is not square): building a BlockMask is
+    launch-bound, so fewer, larger kernels are what makes it cheap.
+    """
     partial = any_ & ~all_
-    return (
-        *_ordered(partial),
-        *_ordered(all_),
-        *_ordered(partial.transpose(-1, -2)),
-        *_ordered(all_.transpose(-1, -2)),
-    )
+    by_key = torch.stack(torch.broadcast_tensors(partial, all_))
+    by_query = by_key.transpose(-1, -2)
+    if by_key.shape[-1] == by_key.shape[-2]:
+        counts, order = _ordered(torch.cat([by_key, by_query]))
+    else:
+        (key_counts, key_order), (query_counts, query_order) = _ordered(by_key), _ordered(by_query)
+        counts, order = [*key_counts, *query_counts], [*key_order, *query_order]
+    # (partial by key, full by key, partial by query, full by query), each as (counts, indices)
+    return tuple(t for pair in zip(counts, order, strict=True) for t in pair)
 
 
 def from_block_states(
