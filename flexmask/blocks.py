@@ -151,16 +151,22 @@ def _ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return counts.contiguous(), order.contiguous()
 
 
+_BATCH_LIMIT = 1 << 23  # blocks (8M: 32k tokens at 16 heads batch; 128k tokens at 8 heads don't)
+
+
 def _block_tensors(any_: torch.Tensor, all_: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The eight index tensors of a BlockMask: partial and full blocks, by key and by query.
 
-    The maps are ordered in one batch (two when the grid is not square): building a BlockMask is
-    launch-bound, so fewer, larger kernels are what makes it cheap.
+    Small maps are ordered in one batch (two when the grid is not square): building a BlockMask is
+    then launch-bound, so fewer, larger kernels are what makes it cheap. Large maps (over
+    ``_BATCH_LIMIT`` blocks together) are ordered one by one, to keep the temporaries small.
     """
     partial = any_ & ~all_
     by_key = torch.stack(torch.broadcast_tensors(partial, all_))
     by_query = by_key.transpose(-1, -2)
-    if by_key.shape[-1] == by_key.shape[-2]:
+    if 2 * by_key.numel() > _BATCH_LIMIT:
+        counts, order = zip(*(_ordered(m) for m in (*by_key, *by_query)), strict=True)
+    elif by_key.shape[-1] == by_key.shape[-2]:
         counts, order = _ordered(torch.cat([by_key, by_query]))
     else:
         (key_counts, key_order), (query_counts, query_order) = _ordered(by_key), _ordered(by_query)

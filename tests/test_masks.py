@@ -551,3 +551,20 @@ def test_block_mask_index_tensors_are_contiguous():
         tensors = (bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
                    bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices)
         assert all(t.is_contiguous() for t in tensors), repr(mask)
+
+
+@pytest.mark.parametrize("q_len", [700, 300])
+def test_block_index_tensors_batched_and_one_by_one_agree(monkeypatch, q_len):
+    """Small block maps are ordered in one batch, large ones one by one: both give the same BlockMask."""
+    from flexmask import blocks
+
+    scores = torch.randn(2, 4, 700)
+    names = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+             "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
+    for mask in (fm.topk_blocks(scores, 2, block_size=64), fm.causal() & fm.sliding_window(100)):
+        batched = mask.block_mask(q_len, 700, batch=2, heads=4, block_size=64)
+        monkeypatch.setattr(blocks, "_BATCH_LIMIT", 0)
+        single = mask.block_mask(q_len, 700, batch=2, heads=4, block_size=64)
+        monkeypatch.undo()
+        for name in names:
+            assert torch.equal(getattr(batched, name), getattr(single, name)), (repr(mask), name)
