@@ -359,7 +359,8 @@ def test_layout_plan_keeps_exactly_the_selected_keys():
         assert bool((touched <= p["any_"]).all()) and bool((p["all_"] <= everywhere).all())
 
 
-def test_layout_attention_matches_reference(monkeypatch):
+@pytest.mark.parametrize("hs", [2, 1])
+def test_layout_attention_matches_reference(monkeypatch, hs):
     from torch.nn.attention.flex_attention import flex_attention
 
     from flexmask.backends import dma_layout, flex
@@ -370,7 +371,7 @@ def test_layout_attention_matches_reference(monkeypatch):
     torch.manual_seed(12)
     B, Hq, Hkv, n, D, w = 2, 4, 2, 300, 16, 24
     q, k, v = torch.randn(B, Hq, n, D), torch.randn(B, Hkv, n, D), torch.randn(B, Hkv, n, D)
-    s = torch.randn(B, Hkv, n)
+    s = torch.randn(B, hs, n)  # one score per KV head, or one shared by all heads
     mask, bias = fm.topk(s, w), fm.key_bias(s)
     assert dma_layout.applies(mask, bias, None, Layout(B, Hq, n, n, q.device), k)
     with torch.no_grad():
