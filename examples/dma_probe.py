@@ -1,7 +1,9 @@
 """DMA timing probe used while developing the token-selection layout (needs a CUDA GPU).
 
 Times SDPA causal, DMA token selection (through the key layout), the layout's construction, a
-training step with a fresh mask, and DMA block selection, for random and clustered scores.
+training step with a fresh mask, and DMA block selection, for random and clustered scores; then,
+for random scores, where the backward goes: fwd+bwd without the score gradient, with flex's own
+(atomic) key-bias gradient and with flexmask's closed form (``flexmask.backends.key_bias``).
 The H100 numbers quoted in docs/benchmarks.md under "development probes" came from this script;
 `python -m flexmask bench dma` is the full, side-by-side benchmark.
 
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 import flexmask as fm
-from flexmask.backends import dma_layout
+from flexmask.backends import dma_layout, key_bias
 from flexmask.blocks import Layout
 
 B, HQ, HKV, D, W = 1, 16, 8, 128, 2048
@@ -51,17 +53,34 @@ def probe(n: int) -> None:
         mask, bias = fm.topk(s, W), fm.key_bias(s)
         report(f"{kind} token fwd, fwd+bwd", *fwd_and_step(
             lambda m=mask, b=bias: fm.attention(q, k, v, mask=m, bias=b), go))
-        plan = mask.cached(("layout", dma_layout.BLOCK, HQ), layout, lambda: None)["plan"]
+        plan = dma_layout.prepare(mask, layout)["plan"]
         touched = plan["any_"].sum(-1).float().mean().item()
         full = (plan["all_"].sum() / plan["any_"].sum()).item()
         print(f"  layout length {plan['length']}, blocks per query block {touched:.1f}, full {full:.0%}")
-        report(f"{kind} layout build", bench(lambda s=s: dma_layout._prepare(fm.topk(s, W), layout)))
+        report(f"{kind} layout build", bench(lambda s=s: dma_layout.prepare(fm.topk(s, W), layout)))
         report(f"{kind} token step with a fresh mask", *fwd_and_step(
             lambda s=s, b=bias: fm.attention(q, k, v, mask=fm.topk(s, W), bias=b), go))
         blocks = fm.topk_blocks(s, W // 128)
         report(f"{kind} block fwd, fwd+bwd", *fwd_and_step(
             lambda m=blocks, b=bias: fm.attention(q, k, v, mask=m, bias=b), go))
+        if kind == "random":
+            backward_split(q, k, v, s, go)
         torch.cuda.empty_cache()
+
+
+def backward_split(q, k, v, s, go) -> None:
+    """fwd+bwd of token and block DMA: no score gradient, flex's atomics, the closed form."""
+    n = q.shape[2]
+    for name, mask in [("token", fm.topk(s.detach(), W)), ("block", fm.topk_blocks(s.detach(), W // 128))]:
+        times = {}
+        for label, scores, closed in [("no score grad", s.detach(), True), ("atomics", s, False),
+                                      ("closed form", s, True)]:
+            key_bias.ENABLED = closed
+            inputs = (q, k, v, scores) if scores.requires_grad else (q, k, v)
+            times[label] = bench(lambda m=mask, t=scores, i=inputs: torch.autograd.grad(
+                fm.attention(q, k, v, mask=m, bias=fm.key_bias(t)), i, go))
+        key_bias.ENABLED = True
+        print(n, f"{name} fwd+bwd ms:", {key: round(t, 3) for key, t in times.items()}, flush=True)
 
 
 if __name__ == "__main__":
