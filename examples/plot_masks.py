@@ -6,7 +6,7 @@ Takes a few seconds on a CPU.
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
 import torch
@@ -71,5 +71,7 @@ def main(out_dir: str = "out/plots") -> list[Path]:
 
 
 if __name__ == "__main__":
-    for path in main(*sys.argv[1:2]):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir", nargs="?", default="out/plots", help="where to write (default out/plots)")
+    for path in main(parser.parse_args().out_dir):
         print(f"wrote {path}")
