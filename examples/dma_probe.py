@@ -13,7 +13,7 @@ Usage:
 
 from __future__ import annotations
 
-import sys
+import argparse
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +84,9 @@ def backward_split(q, k, v, s, go) -> None:
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("lengths", nargs="*", type=int, default=[32768], help="sequence lengths (default 32768)")
+    lengths = parser.parse_args().lengths
     print(torch.__version__, torch.cuda.get_device_name(), flush=True)
-    for length in [int(a) for a in sys.argv[1:]] or [32768]:
+    for length in lengths:
         probe(length)
