@@ -34,8 +34,14 @@ def run(q, k, v, score_mod, block_mask, scale):
     b, h, i, j = _grid(q, k)
     s = score_mod(scale * q @ kk.transpose(-1, -2), b, h, i, j)
     s = s.masked_fill(~block_mask.mask_mod(b, h, i, j), -math.inf)
-    lse = s.logsumexp(-1)
-    return torch.softmax(s, -1) @ vv, lse
+    return _safe_softmax(s) @ vv, s.logsumexp(-1)  # lse -inf on fully masked rows, as flex returns
+
+
+def _safe_softmax(s):
+    """softmax over the last dim with fully masked (all -inf) rows giving zeros, gradients included."""
+    live = torch.isfinite(s).any(-1, keepdim=True)
+    s = torch.where(live, s, torch.zeros_like(s))
+    return torch.softmax(s, -1) * live
 
 
 def dense_reference(q, k, v, t, allowed, scale):
@@ -43,7 +49,7 @@ def dense_reference(q, k, v, t, allowed, scale):
     kk, vv = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
     tt = t.repeat_interleave(q.shape[1] // t.shape[1], 1)[:, :, None, :]
     s = (scale * q @ kk.transpose(-1, -2) + tt).masked_fill(~allowed, -math.inf)
-    return torch.softmax(s, -1) @ vv
+    return _safe_softmax(s) @ vv
 
 
 @pytest.mark.parametrize("hs,tb,n", [(2, 2, 200), (1, 2, 131), (2, 1, 77)])
@@ -62,6 +68,27 @@ def test_key_bias_gradient_closed_form_matches_autograd(hs, tb, n):
     ref_ins = [x.clone().requires_grad_() for x in (q, k, v, t)]
     ref = dense_reference(*ref_ins, allowed, 0.3)
     want = torch.autograd.grad(ref, ref_ins, grad_out)
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-9, atol=1e-9)
+    for name, a, b in zip("qkvt", got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-8, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+def test_key_bias_gradient_with_fully_masked_rows_and_padding():
+    """Rows with no key (a zero-length batch row) give zeros and no gradient; padded keys none."""
+    gen = torch.Generator().manual_seed(77)
+    B, Hq, Hkv, D, n = 2, 4, 2, 16, 90
+    q, k, v = (torch.randn(B, h, n, D, generator=gen, dtype=torch.float64) for h in (Hq, Hkv, Hkv))
+    t = torch.randn(B, Hkv, n, generator=gen, dtype=torch.float64)
+    mask = fm.causal() & fm.padding(torch.tensor([0, 61]))
+    bm = mask.block_mask(n, n, batch=B, heads=Hq, block_size=32)
+    ins = [x.clone().requires_grad_() for x in (q, k, v, t)]
+    out = key_bias.attention(*ins, bm, 0.25, run)
+    grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad(out, ins, grad_out)
+    ref_ins = [x.clone().requires_grad_() for x in (q, k, v, t)]
+    ref = dense_reference(*ref_ins, mask.to_dense(n, n, batch=B, heads=Hq), 0.25)
+    want = torch.autograd.grad(ref, ref_ins, grad_out)
+    assert not out[0].any() and not got[3][0].any() and not got[3][1, :, 61:].any()
     torch.testing.assert_close(out, ref.detach(), rtol=1e-9, atol=1e-9)
     for name, a, b in zip("qkvt", got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-8, msg=lambda m, name=name: f"d{name}: {m}")
