@@ -464,6 +464,16 @@ def apply_rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torc
     return (x.float() * cos + rotated * sin).to(x.dtype)
 
 
+def check_options(bias_form: str, bias_heads: str, selection: str) -> None:
+    """Validate DMA's string options (shared by :class:`DynamicMaskAttention` and ``hf.to_dma``)."""
+    if bias_form not in ("exp", "linear"):
+        raise ValueError(f"bias_form must be 'exp' or 'linear', got {bias_form!r}")
+    if bias_heads not in ("kv", "q"):
+        raise ValueError(f"bias_heads must be 'kv' or 'q', got {bias_heads!r}")
+    if selection not in ("token", "block"):
+        raise ValueError(f"selection must be 'token' or 'block', got {selection!r}")
+
+
 class DynamicMaskAttention(nn.Module):
     """A self-attention layer with Dynamic Mask Attention.
 
@@ -513,12 +523,7 @@ class DynamicMaskAttention(nn.Module):
         head_dim = head_dim or hidden_size // num_heads
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-        if bias_form not in ("exp", "linear"):
-            raise ValueError(f"bias_form must be 'exp' or 'linear', got {bias_form!r}")
-        if bias_heads not in ("kv", "q"):
-            raise ValueError(f"bias_heads must be 'kv' or 'q', got {bias_heads!r}")
-        if selection not in ("token", "block"):
-            raise ValueError(f"selection must be 'token' or 'block', got {selection!r}")
+        check_options(bias_form, bias_heads, selection)
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.keep_window = _positive_int("keep_window", keep_window)
         self.block_size = _positive_int("block_size", block_size)

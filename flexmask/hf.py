@@ -42,8 +42,8 @@ from torch.overrides import TorchFunctionMode
 from .attention import Backend, attention
 from .bias import Bias, key_bias, tensor_bias
 from .blocks import Layout, per_block_min_max
-from .dma import dynamic_bias, topk, topk_blocks
-from .masks import Mask, causal, document, sliding_window
+from .dma import check_options, dynamic_bias, topk, topk_blocks
+from .masks import Mask, _positive_int, causal, document, sliding_window
 from .masks import mask as function_mask
 
 NAME = "flexmask"
@@ -634,14 +634,8 @@ def to_dma(
     """
     if isinstance(keep_window, bool) or not isinstance(keep_window, int) or keep_window <= 0:
         raise ValueError(f"keep_window must be a positive int, got {keep_window!r}")
-    if bias_form not in ("exp", "linear"):
-        raise ValueError(f"bias_form must be 'exp' or 'linear', got {bias_form!r}")
-    if bias_heads not in ("kv", "q"):
-        raise ValueError(f"bias_heads must be 'kv' or 'q', got {bias_heads!r}")
-    if selection not in ("token", "block"):
-        raise ValueError(f"selection must be 'token' or 'block', got {selection!r}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    check_options(bias_form, bias_heads, selection)
+    _positive_int("block_size", block_size)
     if selection == "block" and keep_window < block_size:
         raise ValueError(f"selection='block' keeps keep_window // block_size blocks: keep_window={keep_window} "
                          f"is smaller than block_size={block_size}")
