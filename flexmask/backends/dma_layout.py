@@ -150,6 +150,7 @@ def prepare(mask, layout) -> dict:
 
 def layout_attention(q, k, v, mask, bias, scale: float, layout) -> torch.Tensor:
     """Exact DMA attention through the layout (see :func:`applies`). Returns ``[B, Hq, N, Dv]``."""
+    from ..bias import key_term
     from .flex import flex
 
     B, Hq, n, _ = q.shape
@@ -169,10 +170,10 @@ def layout_attention(q, k, v, mask, bias, scale: float, layout) -> torch.Tensor:
     score_mod = None
     if bias is not None:
         bias_lay = bias.t.expand(B, *bias.t.shape[1:]).gather(2, index.expand(B, bias.t.shape[1], -1))
-        group = Hq // bias_lay.shape[1]
+        term = key_term(bias_lay, Hq)
 
         def key_bias_layout(score, b, h, q_idx, kv_idx):
-            return score + bias_lay[b, h // group, kv_idx]
+            return score + term(b, h, q_idx, kv_idx)
 
         score_mod = key_bias_layout
     # the layout's key length differs from q_len, but its shapes are fixed: keep static kernels

@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
+from ..bias import KeyBias, key_term
+
 VALUE_WIDTH = 16  # the narrowest value head flex compiles
 
 # Set to False to let flex's backward compute key-bias gradients itself (atomics).
@@ -41,8 +43,6 @@ def applies(bias, softcap, q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether an ``fm.attention`` call on the flex backend should take this path: the bias is one
     ``fm.key_bias`` whose tensor needs a gradient, no softcap, CUDA, eager (under an outer
     ``torch.compile`` the autograd function is not traced; flex's own gradient is used)."""
-    from ..bias import KeyBias
-
     return (
         ENABLED
         and isinstance(bias, KeyBias)
@@ -95,20 +95,11 @@ class _KeyBiasAttention(torch.autograd.Function):
         return dq, dk, dv, dt, None, None, None
 
 
-def _reader(t: torch.Tensor, hq: int):
-    """``read(b, h, j)`` → ``t[b, h // group, j]`` (a batch of 1 is read at 0 for every row)."""
-    group = hq // t.shape[1]
-    if t.shape[0] > 1:
-        return lambda b, h, j: t[b, h // group, j]
-    t0 = t[0]
-    return lambda b, h, j: t0[h // group, j]
-
-
 def _key_bias_mod(t: torch.Tensor, hq: int):
-    read = _reader(t, hq)
+    term = key_term(t, hq)
 
     def key_bias(score, b, h, q_idx, kv_idx):
-        return score + read(b, h, kv_idx)
+        return score + term(b, h, q_idx, kv_idx)
 
     return key_bias
 
@@ -124,10 +115,10 @@ def _bias_grad(q, k, v, out, grad_out, lse, t, dv, block_mask, scale, run) -> to
     values = torch.zeros(B, hq, n, VALUE_WIDTH, dtype=q.dtype, device=q.device)
     values[..., 0] = delta
     keys_as_queries = k.repeat_interleave(hq // hkv, dim=1)  # [B, Hq, KV, D]
-    read = _reader(t, hq)
+    term = key_term(t, hq)
 
     def transposed(score, b, h, kv_idx, q_idx):  # "queries" are keys, "keys" are queries
-        return score + read(b, h, kv_idx) - lse[b, h, q_idx]
+        return score + term(b, h, q_idx, kv_idx) - lse[b, h, q_idx]
 
     with torch.no_grad():
         mass_avg, log_mass = run(keys_as_queries, q, values, transposed, _transpose(block_mask), scale)
