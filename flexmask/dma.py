@@ -25,7 +25,15 @@ from torch import nn
 
 from .attention import attention
 from .bias import key_bias
-from .blocks import Layout, compiled_on_cuda, per_block_min_max
+from .blocks import (
+    CudaGraphed,
+    Layout,
+    _block_tensors,
+    block_mask_from_tensors,
+    classify,
+    compiled_on_cuda,
+    per_block_min_max,
+)
 from .masks import And, Causal, Document, Mask, Padding, _positive_int
 
 # ---------------------------------------------------------------------------------------------
@@ -341,6 +349,25 @@ class TopKBlocks(_ContentMask):
             self._cache = {key: _block_ranks(s.reshape(b * hs, nb), self.k).reshape(2, b, hs, nb)}
         return self._cache[key]
 
+    def _replayed_block_mask(self, layout: Layout, block_size: int):
+        # the common training case (CUDA, eager, self-attention, no `among`, the selection's own
+        # block size) replays the whole build, selection included, from one CUDA graph
+        nb = self._num_blocks(layout)
+        if not (
+            GRAPHED_BUILD
+            and layout.device.type == "cuda"
+            and not torch.compiler.is_compiling()
+            and self.among is None
+            and block_size == self.block_size
+            and layout.offset == 0
+            and layout.batch * layout.heads * nb * nb <= _GRAPHED_BLOCKS
+        ):
+            return None
+        k, bs = self.k, self.block_size
+        sel, *tensors = _graphed_build(self.scores.detach(), key=(k, bs, layout))
+        self._cache = {self._cache_key(layout): sel}
+        return block_mask_from_tensors(tensors, self._mask_mod(layout), layout.q_len, layout.kv_len, bs)
+
     def _mask_mod(self, layout):
         sel = self.block_selection(layout)
         rank, threshold = sel[0], sel[1]
@@ -378,6 +405,24 @@ class TopKBlocks(_ContentMask):
     def __repr__(self):
         among = "" if self.among is None else f", among={self.among!r}"
         return f"topk_blocks(<scores {tuple(self.scores.shape)}>, {self.k}, block_size={self.block_size}{among})"
+
+
+# Set to False to build topk_blocks BlockMasks eagerly (about a hundred launches) on CUDA too.
+GRAPHED_BUILD = True
+_GRAPHED_BLOCKS = 1 << 22  # batch × heads × blocks²: 16 heads at 64k (a graph's pool: ~0.3 GB)
+
+
+def _build_from_scores(scores: torch.Tensor, key: tuple) -> tuple[torch.Tensor, ...]:
+    """The selection ``[2, B, Hs, nb]`` and the eight BlockMask index tensors of
+    ``topk_blocks(scores, k, block_size)`` for ``layout``, all int32 (what :class:`CudaGraphed` replays)."""
+    k, block_size, layout = key
+    mask = TopKBlocks(scores, k, block_size)
+    sel = mask.block_selection(layout).to(torch.int32)
+    any_, all_ = classify(mask, layout, block_size)
+    return (sel, *_block_tensors(any_, all_))
+
+
+_graphed_build = CudaGraphed(_build_from_scores)
 
 
 def topk(scores: torch.Tensor, k: int, *, among: Mask | None = None) -> Mask:

@@ -72,6 +72,10 @@ class Mask:
         """A hashable description of the mask when it holds no tensor (for caching), else None."""
         return None
 
+    def _replayed_block_mask(self, layout: Layout, block_size: int):
+        """A ``BlockMask`` from a captured CUDA graph, for masks that have one (else None)."""
+        return None
+
     def _children(self) -> tuple[Mask, ...]:
         return ()
 

@@ -396,3 +396,24 @@ def test_topk_for_one_decoding_query_matches_brute_force(among):
     if among is not None:
         want = want & m.to_dense(n, n, batch=B, heads=H)[:, :, -1]
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("hs", [1, 2, 4])
+def test_topk_blocks_build_function_matches_generic_build(hs):
+    """The function the CUDA graph replays gives the generic builder's index tensors and selection."""
+    from flexmask.blocks import Layout, classify, from_block_states
+    from flexmask.dma import _build_from_scores
+
+    torch.manual_seed(11)
+    n, k, bs = 1000, 3, 64
+    s = torch.randn(2, hs, n)
+    layout = Layout(2, 4, n, n, torch.device("cpu"))
+    sel, *tensors = _build_from_scores(s, key=(k, bs, layout))
+    mask = fm.topk_blocks(s, k, block_size=bs)
+    generic = from_block_states(*classify(mask, layout, bs), mask._mask_mod(layout), n, n, bs)
+    want = (generic.kv_num_blocks, generic.kv_indices, generic.full_kv_num_blocks, generic.full_kv_indices,
+            generic.q_num_blocks, generic.q_indices, generic.full_q_num_blocks, generic.full_q_indices)
+    assert all(t.dtype == torch.int32 for t in (sel, *tensors))
+    for got, expected in zip(tensors, want, strict=True):
+        assert torch.equal(got, expected)
+    assert torch.equal(sel.long(), mask.block_selection(layout))

@@ -96,3 +96,35 @@ def test_decoding_with_a_growing_cache_compiles_a_bounded_number_of_graphs():
             out = fm.attention(q, k, k, mask=fm.topk(s, 256), bias=fm.key_bias(s))
     assert torch.isfinite(out).all()
     assert counters["stats"]["unique_graphs"] - before <= 4
+
+
+def test_graphed_topk_blocks_build_matches_eager_and_results_never_alias(monkeypatch):
+    import flexmask.dma as dma
+    from flexmask.blocks import Layout, build_block_mask
+
+    torch.manual_seed(5)
+    n, Hq, Hkv = 3000, 4, 2
+    layout = Layout(1, Hq, n, n, torch.device("cuda"))
+    s1, s2 = (torch.randn(1, Hkv, n, device="cuda") for _ in range(2))
+
+    def tensors(bm):
+        return [bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
+                bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices]
+
+    monkeypatch.setattr(dma, "GRAPHED_BUILD", False)
+    eager1, eager2 = (tensors(build_block_mask(fm.topk_blocks(s, 3), layout)) for s in (s1, s2))
+    monkeypatch.setattr(dma, "GRAPHED_BUILD", True)
+    graphed = [build_block_mask(fm.topk_blocks(s, 3), layout) for s in (s1, s2, s1)]
+    assert any(entry != "eager" for entry in dma._graphed_build._graphs.values()), "nothing was captured"
+    # each result is its own memory: later replays left the earlier BlockMasks intact
+    for bm, want in zip(graphed, (eager1, eager2, eager1), strict=True):
+        for got, expected in zip(tensors(bm), want, strict=True):
+            assert torch.equal(got, expected)
+    # and the attention through a replayed BlockMask is the eager one's
+    q = torch.randn(1, Hq, n, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, Hkv, n, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    outs = []
+    for graphed_build in (False, True):
+        monkeypatch.setattr(dma, "GRAPHED_BUILD", graphed_build)
+        outs.append(fm.attention(q, k, v, mask=fm.topk_blocks(s2, 3), bias=fm.key_bias(s2)))
+    assert torch.equal(outs[0], outs[1])
