@@ -53,7 +53,8 @@ def probe(n: int) -> None:
         mask, bias = fm.topk(s, W), fm.key_bias(s)
         report(f"{kind} token fwd, fwd+bwd", *fwd_and_step(
             lambda m=mask, b=bias: fm.attention(q, k, v, mask=m, bias=b), go))
-        plan = dma_layout.prepare(mask, layout)["plan"]
+        ends = mask.interval_ends(layout)
+        plan = dma_layout.plan(ends.reshape(-1, n).long(), dma_layout.BLOCK, W)
         touched = plan["any_"].sum(-1).float().mean().item()
         full = (plan["all_"].sum() / plan["any_"].sum()).item()
         print(f"  layout length {plan['length']}, blocks per query block {touched:.1f}, full {full:.0%}")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..blocks import compiled_on_cuda, from_block_states
+from ..blocks import CudaGraphed, _block_tensors, block_mask_from_tensors, compiled_on_cuda
 
 
 def plan(ends: torch.Tensor, block: int, keep: int) -> dict[str, torch.Tensor | int]:
@@ -181,16 +181,18 @@ def layout_attention(q, k, v, mask, bias, scale: float, layout) -> torch.Tensor:
 
 
 def _prepare(mask, layout) -> dict:
-    """Everything about the layout that depends on the scores only (cached per mask)."""
-    ends = mask.interval_ends(layout)
-    B, hs, n = ends.shape
-    p = _plan_fused(ends.reshape(B * hs, n).long(), BLOCK, mask.k)
-    m = p["length"]
-    orig = p["orig"].view(B, hs, m)
-    ends_lay = ends.long().gather(2, orig).to(torch.int32)
-    orig32 = orig.to(torch.int32)
-    lo = p["serve_lo"].view(B, hs, m).to(torch.int32)
-    hi = p["serve_hi"].view(B, hs, m).to(torch.int32)
+    """Everything about the layout that depends on the scores only (cached per mask).
+
+    On CUDA (eager) the computation is replayed from a CUDA graph: it is a few dozen kernels
+    (interval ends, the plan's sorts and searches, the BlockMask's index tensors) whose launches
+    otherwise cost more host time than the GPU spends on them.
+    """
+    if GRAPHED_BUILD and layout.device.type == "cuda" and not torch.compiler.is_compiling():
+        tensors = _graphed_tensors(mask.scores.detach(), key=(mask.k, layout))
+    else:
+        tensors = _layout_tensors(mask.scores.detach(), key=(mask.k, layout))
+    orig, ends_lay, lo, hi, *block_tensors = tensors
+    B, hs, m = orig.shape
     group = layout.heads // hs
     block = BLOCK
 
@@ -200,16 +202,41 @@ def _prepare(mask, layout) -> dict:
         return (
             (qb >= lo[b, hh, kv_idx])
             & (qb < hi[b, hh, kv_idx])
-            & (orig32[b, hh, kv_idx] <= q_idx)
+            & (orig[b, hh, kv_idx] <= q_idx)
             & (q_idx < ends_lay[b, hh, kv_idx])
         )
 
+    n = layout.kv_len
+    return {
+        "index": orig.long(),
+        "block_mask": block_mask_from_tensors(block_tensors, dma_layout, n, m, BLOCK),
+    }
+
+
+def _layout_tensors(scores: torch.Tensor, key: tuple) -> tuple[torch.Tensor, ...]:
+    """For ``topk(scores, k)`` over ``layout``, all int32: the key each layout entry copies, its
+    interval end, the query blocks it serves (``[B, Hs, M]`` each) and the BlockMask's eight index
+    tensors over the layout."""
+    from ..dma import TopK
+
+    k, layout = key
+    ends = TopK(scores, k).interval_ends(layout)
+    B, hs, n = ends.shape
+    p = _plan_fused(ends.reshape(B * hs, n).long(), BLOCK, k)
+    m = p["length"]
+    orig = p["orig"].view(B, hs, m)
+    ends_lay = ends.long().gather(2, orig)
+    lo, hi = p["serve_lo"].view(B, hs, m), p["serve_hi"].view(B, hs, m)
     nq, nkb = p["any_"].shape[-2:]
     any_ = p["any_"].view(B, hs, nq, nkb)
-    all_ = p["all_"].view(B, hs, nq, nkb)
-    repeat = group if hs > 1 else 1  # one score head stays one BlockMask head (broadcast)
-    return {
-        "index": orig,
-        "block_mask": from_block_states(any_, all_ & any_, dma_layout, n, m, BLOCK, repeat_heads=repeat),
-        "plan": p,
-    }
+    all_ = p["all_"].view(B, hs, nq, nkb) & any_
+    block_tensors = _block_tensors(any_, all_)
+    repeat = layout.heads // hs if hs > 1 else 1  # one score head stays one BlockMask head (broadcast)
+    if repeat > 1:
+        block_tensors = [t.repeat_interleave(repeat, 1) for t in block_tensors]
+    return tuple(t.to(torch.int32) for t in (orig, ends_lay, lo, hi, *block_tensors))
+
+
+# Set to False to build the layout eagerly (kernel by kernel) on CUDA too.
+GRAPHED_BUILD = True
+_graphed_tensors = CudaGraphed(_layout_tensors)
