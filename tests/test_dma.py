@@ -417,3 +417,45 @@ def test_topk_blocks_build_function_matches_generic_build(hs):
     for got, expected in zip(tensors, want, strict=True):
         assert torch.equal(got, expected)
     assert torch.equal(sel.long(), mask.block_selection(layout))
+
+
+@pytest.mark.parametrize("n,k,serve,hs", [(1000, 3, 2, 2), (1500, 5, 1, 1), (640, 2, 16, 2), (1024, 20, 3, 2)])
+def test_block_layout_reads_each_selected_key_once_with_bounded_readers(n, k, serve, hs):
+    """The balanced block layout (backends/dma_blocks.py): mapped back to the keys, its mask is
+    exactly topk_blocks' (every selected key read once, nothing else, padding never); its BlockMask
+    covers the mask (full blocks fully kept); no layout block has more than `serve` readers
+    besides its own query block."""
+    from flexmask.backends import dma_blocks
+    from flexmask.blocks import Layout, states_from_block_mask
+
+    torch.manual_seed(n + k)
+    B, H = 2, 4
+    s = torch.randn(B, hs, n)
+    layout = Layout(B, H, n, n, torch.device("cpu"))
+    mask = fm.topk_blocks(s, k)
+    old = dma_blocks.SERVE
+    dma_blocks.SERVE = serve
+    try:
+        state = dma_blocks.prepare(mask, layout)
+    finally:
+        dma_blocks.SERVE = old
+    bm, index = state["block_mask"], state["index"]
+    nb = -(-n // 128)
+    m = nb * 128 + index.shape[-1]
+    assert bm.seq_lengths == (n, m)
+    b, h, i, x = (torch.arange(d).view(*[-1 if a == j else 1 for a in range(4)]) for j, d in enumerate((B, H, n, m)))
+    keep = bm.mask_mod(b, h, i, x).expand(B, H, n, m)
+    originals = torch.cat([torch.arange(nb * 128).clamp(max=n - 1).expand(B, hs, -1), index.expand(B, hs, -1)], -1)
+    originals = originals.repeat_interleave(H // hs, 1)[:, :, None, :].expand(B, H, n, m)
+    counts = torch.zeros(B, H, n, n, dtype=torch.long).scatter_add_(-1, originals, keep.long())
+    assert torch.equal(counts, fm.topk_blocks(s, k).to_dense(n, n, batch=B, heads=H).long())
+    assert not keep[..., n : nb * 128].any()
+    any_, all_ = states_from_block_mask(bm)
+    def blocks(pad_value):  # [B, H, nb, 128, m / 128, 128], query rows padded to whole blocks
+        padded = torch.nn.functional.pad(keep, (0, 0, 0, -n % 128), value=pad_value)
+        return padded.view(B, H, nb, 128, m // 128, 128)
+
+    assert not (blocks(False).any(-1).any(-2) & ~any_).any()
+    assert blocks(True).all(-1).all(-2)[all_.expand(B, H, -1, -1)].all()
+    readers = (any_ & ~torch.eye(nb, m // 128, dtype=torch.bool)).sum(-2)
+    assert int(readers.max()) <= serve
