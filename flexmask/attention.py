@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
-from .backends import dma_blocks, dma_layout, key_bias
+from .backends import dma_layout, key_bias
 from .backends.flex import flex, with_lse
 from .backends.reference import reference
 from .bias import Bias, bias_tensors
@@ -110,8 +110,6 @@ def attention(
         )
     if dma_layout.applies(mask, bias, softcap, layout, k):
         return dma_layout.layout_attention(q, k, v, mask, bias, float(scale), layout)
-    if dma_blocks.applies(mask, bias, softcap, layout, k):
-        return dma_blocks.attention(q, k, v, mask, bias, float(scale), layout)
     block_mask = None if mask is None else cached_block_mask(mask, layout)
     if key_bias.applies(bias, softcap, q, k):  # its gradient without flex's atomics
         return key_bias.attention(q, k, v, bias.t, block_mask, float(scale), with_lse)

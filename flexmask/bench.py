@@ -60,7 +60,7 @@ import torch.nn.functional as F
 import flexmask as fm
 
 from .attention import cached_block_mask
-from .backends import dma_blocks, dma_layout
+from .backends import dma_layout
 from .blocks import Layout, build_block_mask
 
 Row = dict[str, Any]
@@ -927,9 +927,7 @@ DMA_NOTES = [
     "fwd: forward of a training step; fwd+bwd: plus gradients of q, k, v (and of the key scores for DMA, "
     "through `fm.key_bias`), mask prebuilt. vs SDPA: SDPA causal time / this time (higher is faster).",
     "mask build: constructing the mask object + what `fm.attention` builds from it on fresh scores (the token "
-    "key layout, `flexmask.backends.dma_layout.prepare`, the balanced block layout, "
-    "`flexmask.backends.dma_blocks.prepare`, "
-    "or the BlockMask, `flexmask.attention.cached_block_mask`) "
+    "key layout, `flexmask.backends.dma_layout.prepare`, or the BlockMask, `flexmask.attention.cached_block_mask`) "
     "(what a training step pays when the scores change). step: fwd+bwd with a fresh mask every call "
     "(build + attention, measured together). peak MiB: fwd+bwd, above the inputs. first call s: first fwd+bwd "
     "call incl. compilation (graphs: how many dynamo graphs it compiled).",
@@ -1014,8 +1012,6 @@ def _dma_row(env: Env, args, inputs, n: int, hq: int, hkv: int, variant: str, sc
             fresh = make_mask(s)
             if dma_layout.applies(fresh, bias, None, layout, k):
                 return dma_layout.prepare(fresh, layout)
-            if dma_blocks.applies(fresh, bias, None, layout, k):
-                return dma_blocks.prepare(fresh, layout)
             return cached_block_mask(fresh, layout)
 
         extras["build"] = build
