@@ -66,6 +66,8 @@ class CudaGraphed:
         self._graphs: OrderedDict = OrderedDict()
 
     def __call__(self, x: torch.Tensor, key: Hashable = None) -> tuple[torch.Tensor, ...]:
+        if torch.cuda.is_current_stream_capturing():  # inside the caller's own graph: just record
+            return self.fn(x, key)
         key = (tuple(x.shape), x.dtype, x.device, key)
         entry = self._graphs.get(key)
         if entry is None:
