@@ -570,6 +570,9 @@ def train_one(kind: str, length: int, cfg: Config, deadline: float | None, out_d
             if (step + 1) % cfg.log_every == 0:
                 point = log_point(step + 1)
                 bar.set_postfix(loss=f"{point['loss']:.3f}", acc=f"{point['acc']:.3f}", refresh=False)
+                if not math.isfinite(point["loss"]):  # diverged: say so instead of training on NaNs
+                    record["stopped_early"] = f"diverged: non-finite training loss by step {step + 1}"
+                    break
         if since:
             log_point(record["steps_done"])
         _sync(device)

@@ -118,3 +118,20 @@ def test_smoke_run(mqar, tmp_path):
     for kind in cfg["kinds"]:
         assert mqar.LABELS[kind] in table
     assert (tmp_path / "mqar.png").stat().st_size > 0
+
+
+def test_a_diverging_run_stops_and_says_so(mqar, monkeypatch):
+    """A non-finite training loss ends the run at the next log point, flagged, instead of training on NaNs."""
+    real = mqar._loss_and_hits
+    calls = []
+
+    def nan_after_three(logits, targets):
+        loss, hits, count = real(logits, targets)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) > 3 else loss), hits, count
+
+    monkeypatch.setattr(mqar, "_loss_and_hits", nan_after_three)
+    cfg = mqar.dataclasses.replace(mqar.smoke_config(), steps=40, log_every=5)
+    record = mqar.train_one("swa", 64, cfg, None, None)
+    assert record["stopped_early"] == "diverged: non-finite training loss by step 5"
+    assert record["steps_done"] == 5
