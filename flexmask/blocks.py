@@ -78,9 +78,10 @@ class CudaGraphed:
         if entry == "eager":
             return self.fn(x, key[-1])
         graph, static_in, packed, shapes = entry
-        static_in.copy_(x)
-        graph.replay()
-        flat = packed.clone()
+        with torch.cuda.device(x.device):  # replay on x's device, whichever device is current
+            static_in.copy_(x)
+            graph.replay()
+            flat = packed.clone()
         sizes = [math.prod(shape) for shape in shapes]
         return tuple(part.view(shape) for part, shape in zip(flat.split(sizes), shapes, strict=True))
 
@@ -89,7 +90,7 @@ class CudaGraphed:
         side = torch.cuda.Stream(x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
         try:
-            with torch.no_grad():
+            with torch.no_grad(), torch.cuda.device(x.device):
                 with torch.cuda.stream(side):  # warm-up outside the graph (lazy inits, workspaces)
                     self.fn(static_in, key)
                 torch.cuda.current_stream(x.device).wait_stream(side)
