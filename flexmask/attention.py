@@ -112,7 +112,11 @@ def attention(
         return dma_layout.layout_attention(q, k, v, mask, bias, float(scale), layout)
     block_mask = None if mask is None else cached_block_mask(mask, layout)
     if key_bias.applies(bias, softcap, q, k):  # its gradient without flex's atomics
-        return key_bias.attention(q, k, v, bias.t, block_mask, float(scale), with_lse)
+        from .dma import TopKBlocks  # (dma imports this module)
+
+        # block top-k's partial blocks are its causal diagonal blocks: the query-side kernel applies
+        causal_partial = type(mask) is TopKBlocks and mask.among is None and mask.block_size == 128
+        return key_bias.attention(q, k, v, bias.t, block_mask, float(scale), with_lse, causal_partial)
     return flex(q, k, v, score_mod, block_mask, float(scale), key=lambda: (repr(mask), repr(bias), softcap))
 
 

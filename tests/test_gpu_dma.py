@@ -155,3 +155,40 @@ def test_graphed_token_layout_matches_eager_and_results_never_alias(monkeypatch)
         assert torch.equal(got[0], want[0])
         for a, b in zip(got[1:], want[1:], strict=True):  # atomics: summation order may differ
             assert rel_err(a, b) < 1e-2
+
+
+def test_query_side_key_mass_matches_float64_and_the_transposed_pass(monkeypatch):
+    """The Triton kernel behind block DMA's bias gradient (backends/key_mass.py): Σ_i P_ij Δ_i vs a
+    float64 dense sum, and fm.attention's gradients with it vs with the transposed flex pass."""
+    import math
+
+    from flexmask.backends import key_mass
+    from flexmask.blocks import Layout, build_block_mask
+
+    torch.manual_seed(8)
+    B, Hq, Hkv, n, D = 2, 4, 2, 1000, 64
+    q = torch.randn(B, Hq, n, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(B, Hkv, n, D, device="cuda", dtype=torch.bfloat16)
+    t = torch.randn(1, Hkv, n, device="cuda")
+    mask = fm.topk_blocks(torch.randn(B, Hkv, n, device="cuda"), 3)
+    bm = build_block_mask(mask, Layout(B, Hq, n, n, torch.device("cuda")), 128)
+    scale = D**-0.5
+    allowed = mask.to_dense(n, n, batch=B, heads=Hq)
+    s = scale * q.double() @ k.double().repeat_interleave(2, 1).transpose(-1, -2)
+    s = (s + t.double().repeat_interleave(2, 1)[:, :, None, :]).masked_fill(~allowed, -math.inf)
+    lse = s.logsumexp(-1)
+    delta = torch.randn(B, Hq, n, device="cuda", dtype=torch.float64)
+    want = (torch.exp(s - lse[..., None]) * delta[..., None]).sum(-2)
+    got = key_mass.key_mass(q, k, t, lse.float(), delta.float(), bm, scale)
+    assert rel_err(got, want) < 1e-2
+
+    v = torch.randn(B, Hkv, n, D, device="cuda", dtype=torch.bfloat16)
+    ins = [x.clone().requires_grad_() for x in (q, k, v)] + [torch.randn(B, Hkv, n, device="cuda", requires_grad=True)]
+    g = torch.randn(B, Hq, n, D, device="cuda", dtype=torch.bfloat16)
+    grads = []
+    for enabled in (True, False):
+        monkeypatch.setattr(key_mass, "ENABLED", enabled)
+        out = fm.attention(*ins[:3], mask=fm.topk_blocks(ins[3].detach(), 3), bias=fm.key_bias(ins[3]))
+        grads.append(torch.autograd.grad(out, ins, g))
+    for a, b in zip(*grads, strict=True):
+        assert rel_err(a, b) < 1e-2

@@ -26,6 +26,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 from ..bias import KeyBias, key_term
+from . import key_mass
 
 VALUE_WIDTH = 16  # the narrowest value head flex compiles
 
@@ -55,7 +56,9 @@ def applies(bias, softcap, q: torch.Tensor, k: torch.Tensor) -> bool:
     )
 
 
-def attention(q, k, v, t, block_mask: BlockMask | None, scale: float, run) -> torch.Tensor:
+def attention(
+    q, k, v, t, block_mask: BlockMask | None, scale: float, run, causal_partial: bool = False
+) -> torch.Tensor:
     """``softmax(scale · q kᵀ + t[b, h // g, j]) v`` under ``block_mask``.
 
     Args:
@@ -63,19 +66,22 @@ def attention(q, k, v, t, block_mask: BlockMask | None, scale: float, run) -> to
         t: ``[B|1, Hs, KV]`` with ``Hs`` 1 or ``Hkv``.
         run: ``run(q, k, v, score_mod, block_mask, scale)`` → ``(out, lse)``, the flex call
             (natural-log ``lse`` ``[B, Hq, Q]``); differentiable in ``q, k, v``.
+        causal_partial: the mask's partial blocks are exactly causal (``fm.topk_blocks``), so
+            ``Σ_i P_ij Δ_i`` may come from the query-side kernel (:mod:`.key_mass`).
     """
-    return _KeyBiasAttention.apply(q, k, v, t, block_mask, scale, run)
+    return _KeyBiasAttention.apply(q, k, v, t, block_mask, scale, run, causal_partial)
 
 
 class _KeyBiasAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, t, block_mask, scale, run):
+    def forward(ctx, q, k, v, t, block_mask, scale, run, causal_partial):
         inner = [x.detach().requires_grad_(True) for x in (q, k, v)]
         t_ = t.detach()
         with torch.enable_grad():
             out, lse = run(*inner, _key_bias_mod(t_, q.shape[1]), block_mask, scale)
         ctx.graph = (out, inner)
         ctx.lse, ctx.t, ctx.block_mask, ctx.scale, ctx.run = lse.detach(), t_, block_mask, scale, run
+        ctx.causal_partial = causal_partial
         ctx.t_shape, ctx.t_dtype = t.shape, t.dtype
         return out.detach()
 
@@ -88,11 +94,11 @@ class _KeyBiasAttention(torch.autograd.Function):
         dt = None
         if ctx.needs_input_grad[3]:
             dt = _bias_grad(q.detach(), k.detach(), v.detach(), out.detach(), grad_out, ctx.lse, ctx.t, dv,
-                            ctx.block_mask, ctx.scale, ctx.run)
+                            ctx.block_mask, ctx.scale, ctx.run, ctx.causal_partial)
             dt = dt.sum(0, keepdim=True) if ctx.t_shape[0] == 1 else dt
             dt = dt.to(ctx.t_dtype)
         ctx.graph = None
-        return dq, dk, dv, dt, None, None, None
+        return dq, dk, dv, dt, None, None, None, None
 
 
 def _key_bias_mod(t: torch.Tensor, hq: int):
@@ -104,14 +110,18 @@ def _key_bias_mod(t: torch.Tensor, hq: int):
     return key_bias
 
 
-def _bias_grad(q, k, v, out, grad_out, lse, t, dv, block_mask, scale, run) -> torch.Tensor:
+def _bias_grad(q, k, v, out, grad_out, lse, t, dv, block_mask, scale, run, causal_partial=False) -> torch.Tensor:
     """``dt`` ``[B, Hs, KV]`` (float32, float64 for float64 inputs) from the closed form in the module docstring."""
     B, hq, n, _ = q.shape
     hkv, kv = k.shape[1], k.shape[2]
     hs = t.shape[1]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    # products in the inputs' dtype, sums in float32: Δ goes through the kernel in q's dtype anyway
+    # products in the inputs' dtype, sums in float32
     delta = torch.mul(grad_out, out).sum(-1, dtype=acc)  # [B, Hq, Q]
+    first = torch.mul(v, dv).sum(-1, dtype=acc)  # v_j · dV_j, dV summed over each query group [B, Hkv, KV]
+    if causal_partial and n == kv and key_mass.supported(q, block_mask):
+        mass = key_mass.key_mass(q, k, t, lse, delta, block_mask, scale)  # Σ_i P_ij Δ_i  [B, Hq, KV]
+        return first.view(B, hs, hkv // hs, kv).sum(2) - mass.view(B, hs, hq // hs, kv).sum(2)
     values = torch.zeros(B, hq, n, VALUE_WIDTH, dtype=q.dtype, device=q.device)
     values[..., 0] = delta
     keys_as_queries = k.repeat_interleave(hq // hkv, dim=1)  # [B, Hq, KV, D]
@@ -123,7 +133,6 @@ def _bias_grad(q, k, v, out, grad_out, lse, t, dv, block_mask, scale, run) -> to
     with torch.no_grad():
         mass_avg, log_mass = run(keys_as_queries, q, values, transposed, _transpose(block_mask), scale)
     mass = mass_avg[..., 0].to(acc) * log_mass.to(acc).exp()  # Σ_i P_ij Δ_i  [B, Hq, KV]
-    first = torch.mul(v, dv).sum(-1, dtype=acc)  # v_j · dV_j, dV summed over each query group [B, Hkv, KV]
     return first.view(B, hs, hkv // hs, kv).sum(2) - mass.view(B, hs, hq // hs, kv).sum(2)
 
 

@@ -1,0 +1,138 @@
+"""``Σ_i P_ij Δ_i`` per key, from the query side: one Triton kernel (CUDA).
+
+The closed-form key-bias gradient (:mod:`.key_bias`) needs, for every key ``j``, the sum over the
+queries that attend to it of ``P_ij Δ_i``. A flex pass over the transposed problem computes it with
+one program per *key* block, which is unbalanced when a few key blocks are read by almost every
+query block (block top-k: the best-ranked blocks). Here each program takes one *query* block and
+its key blocks (the rows of the ``BlockMask``: every program does the same work for block top-k),
+recomputes ``P`` for each tile, sums it over the tile's queries first, and adds the 128 column
+sums atomically: one atomic per key and tile, not one per score.
+
+Partial blocks are masked causally (``j <= i``): that is exact for masks whose partial blocks are
+the diagonal blocks of a causal mask, which is what :func:`flexmask.topk_blocks` builds.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask
+
+try:  # Triton ships with CUDA builds of torch; CPU-only installs have none
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+BLOCK = 128
+
+# Set to False to compute the sum with the transposed flex pass instead.
+ENABLED = True
+
+
+def supported(q: torch.Tensor, block_mask: BlockMask | None) -> bool:
+    """Whether :func:`key_mass` can run: CUDA, Triton, head dim a power of two in [16, 256], and a
+    ``BlockMask`` over blocks of 128 for self-attention."""
+    d = q.shape[-1]
+    return (
+        ENABLED
+        and triton is not None
+        and q.is_cuda
+        and block_mask is not None
+        and tuple(block_mask.BLOCK_SIZE) == (BLOCK, BLOCK)
+        and 16 <= d <= 256
+        and d & (d - 1) == 0
+    )
+
+
+def key_mass(q, k, t, lse, delta, block_mask: BlockMask, scale: float) -> torch.Tensor:
+    """``Σ_i P_ij Δ_i`` ``[B, Hq, KV]`` (float32) with ``P_ij = exp(scale · q_i·k_j + t_j − lse_i)``.
+
+    Args:
+        q, k: ``[B, Hq, N, D]``, ``[B, Hkv, N, D]``.
+        t: the key bias ``[B|1, Hs, N]``, ``Hs`` dividing ``Hq``.
+        lse, delta: ``[B, Hq, N]`` (natural-log ``lse``; ``Δ_i = dO_i · O_i``).
+        block_mask: blocks of 128, partial blocks causal (see the module docstring).
+    """
+    B, hq, n, d = q.shape
+    hkv, hs = k.shape[1], t.shape[1]
+    kv_num, kv_idx = block_mask.kv_num_blocks, block_mask.kv_indices
+    full_num, full_idx = block_mask.full_kv_num_blocks, block_mask.full_kv_indices
+    if full_num is None:
+        full_num, full_idx = torch.zeros_like(kv_num), kv_idx
+    mass = torch.zeros(B, hq, n, device=q.device, dtype=torch.float32)
+    lse, delta = lse.float().contiguous(), delta.float().contiguous()
+    nq = -(-n // BLOCK)
+    _key_mass_kernel[(nq, B * hq)](
+        q, k, t, lse, delta, mass,
+        kv_num, kv_idx, full_num, full_idx,
+        *q.stride(), *k.stride(), *t.stride(),
+        *kv_num.stride(), *kv_idx.stride(), *full_num.stride(), *full_idx.stride(),
+        scale, n, hq,
+        hq // hkv, hq // hs,
+        t.shape[0] > 1, hs > 1, kv_num.shape[0] > 1, kv_num.shape[1] > 1,
+        BLOCK_M=BLOCK, BLOCK_N=BLOCK, D=d, num_warps=8, num_stages=2,
+    )
+    return mass
+
+
+if triton is not None:
+
+    @triton.jit
+    def _tile(acc_ptrs, q, k_ptrs, t_ptrs, lse, delta, offs_m, offs_n, n, scale, CAUSAL: tl.constexpr):
+        in_range = offs_n < n
+        k = tl.load(k_ptrs, mask=in_range[:, None], other=0.0)
+        t = tl.load(t_ptrs, mask=in_range, other=0.0).to(tl.float32)
+        s = tl.dot(q, tl.trans(k)) * scale + t[None, :]
+        keep = in_range[None, :]
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= offs_m[:, None])
+        p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
+        tl.atomic_add(acc_ptrs, tl.sum(p * delta[:, None], 0), mask=in_range)
+
+    @triton.jit
+    def _key_mass_kernel(
+        Q, K, T, LSE, DELTA, MASS,
+        KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
+        sqb, sqh, sqn, sqd, skb, skh, skn, skd, stb, sth, stn,
+        snb, snh, snq, sib, sih, siq, sik, sfb, sfh, sfq, sjb, sjh, sjq, sjk,
+        scale, n, hq,
+        GROUP_KV, GROUP_T,
+        T_BATCH: tl.constexpr, T_HEADS: tl.constexpr, BM_BATCH: tl.constexpr, BM_HEADS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    ):
+        qb = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // hq
+        h = bh % hq
+        offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D)
+        rows = offs_m < n
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+                    mask=rows[:, None], other=0.0)
+        lse = tl.load(LSE + bh * n + offs_m, mask=rows, other=float("inf"))
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)  # a row with no key adds nothing
+        delta = tl.load(DELTA + bh * n + offs_m, mask=rows, other=0.0)
+        k_base = K + b * skb + (h // GROUP_KV) * skh
+        t_base = T
+        if T_BATCH:
+            t_base += b * stb
+        if T_HEADS:
+            t_base += (h // GROUP_T) * sth
+        bm_b = b if BM_BATCH else 0
+        bm_h = h if BM_HEADS else 0
+        acc_base = MASS + bh * n
+        arange_n = tl.arange(0, BLOCK_N)
+        # full blocks: no mask
+        count = tl.load(FULL_NUM + bm_b * sfb + bm_h * sfh + qb * sfq)
+        idx_base = FULL_IDX + bm_b * sjb + bm_h * sjh + qb * sjq
+        for j in range(0, count):
+            offs_n = tl.load(idx_base + j * sjk) * BLOCK_N + arange_n
+            _tile(acc_base + offs_n, q, k_base + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                  t_base + offs_n * stn, lse, delta, offs_m, offs_n, n, scale, CAUSAL=False)
+        # partial blocks: causal
+        count = tl.load(KV_NUM + bm_b * snb + bm_h * snh + qb * snq)
+        idx_base = KV_IDX + bm_b * sib + bm_h * sih + qb * siq
+        for j in range(0, count):
+            offs_n = tl.load(idx_base + j * sik) * BLOCK_N + arange_n
+            _tile(acc_base + offs_n, q, k_base + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                  t_base + offs_n * stn, lse, delta, offs_m, offs_n, n, scale, CAUSAL=True)
