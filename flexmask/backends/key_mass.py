@@ -61,8 +61,10 @@ def key_mass(q, k, t, lse, delta, block_mask: BlockMask, scale: float) -> torch.
         full_num, full_idx = torch.zeros_like(kv_num), kv_idx
     mass = torch.zeros(B, hq, n, device=q.device, dtype=torch.float32)
     lse, delta = lse.float().contiguous(), delta.float().contiguous()
-    nq = -(-n // BLOCK)
-    _key_mass_kernel[(nq, B * hq)](
+    def grid(meta):
+        return (-(-n // meta["BLOCK_M"]), B * hq)
+
+    _key_mass_kernel[grid](
         q, k, t, lse, delta, mass,
         kv_num, kv_idx, full_num, full_idx,
         *q.stride(), *k.stride(), *t.stride(),
@@ -70,7 +72,7 @@ def key_mass(q, k, t, lse, delta, block_mask: BlockMask, scale: float) -> torch.
         scale, n, hq,
         hq // hkv, hq // hs,
         t.shape[0] > 1, hs > 1, kv_num.shape[0] > 1, kv_num.shape[1] > 1,
-        BLOCK_M=BLOCK, BLOCK_N=BLOCK, D=d, num_warps=8, num_stages=2,
+        BLOCK_N=BLOCK, D=d,
     )
     return mass
 
@@ -89,6 +91,14 @@ if triton is not None:
         p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
         tl.atomic_add(acc_ptrs, tl.sum(p * delta[:, None], 0), mask=in_range)
 
+    @triton.autotune(
+        configs=[
+            triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=st)
+            for bm in (64, 128) for w in (4, 8) for st in (2, 3)
+        ],
+        key=["D", "GROUP_KV"],
+        reset_to_zero=["MASS"],  # the kernel accumulates: each timed trial starts from zeros
+    )
     @triton.jit
     def _key_mass_kernel(
         Q, K, T, LSE, DELTA, MASS,
@@ -100,11 +110,12 @@ if triton is not None:
         T_BATCH: tl.constexpr, T_HEADS: tl.constexpr, BM_BATCH: tl.constexpr, BM_HEADS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     ):
-        qb = tl.program_id(0)
+        pid = tl.program_id(0)
+        qb = pid * BLOCK_M // BLOCK_N  # the BlockMask row (query block of BLOCK_N) of this tile
         bh = tl.program_id(1)
         b = bh // hq
         h = bh % hq
-        offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, D)
         rows = offs_m < n
         q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
