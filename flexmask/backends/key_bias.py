@@ -8,16 +8,20 @@ of a tile into ``t``'s gradient: all the queries of a tile hit the same few addr
     dt_j = Σ_i dS_ij = Σ_i P_ij (dO_i · v_j − Δ_i)      with Δ_i = dO_i · O_i
          = v_j · dV_j − Σ_i P_ij Δ_i
 
-``dV`` comes from flex's own backward (run without the bias gradient), and ``Σ_i P_ij Δ_i`` is an
-attention *of the keys over the queries*: flex on the transposed problem (keys as queries, the
-transposed ``BlockMask``), scores ``s_ij + t_j − lse_i``, values ``Δ``. It returns
-``Σ_i P_ij Δ_i / Σ_i P_ij`` and ``log Σ_i P_ij``, whose product is the sum. Exact in exact
-arithmetic; in bf16, the sum is rounded to bf16 like ``dV`` is.
+``dV`` comes from flex's own backward (run without the bias gradient). ``Σ_i P_ij Δ_i`` comes from
+one of two places:
 
-Measured on an H100 at N = 32k (Hq 16, Hkv 8, D 128): the transposed pass (value head 16) costs
-about as much as the forward (1.6 ms), so DMA block selection's fwd+bwd went from 10.7 ms
-(atomics) to 9.8 ms; over the token layout's 129k key copies it was slower than the atomics
-(17.1 vs 14.3 ms), so the layout does not use it.
+* for block top-k (partial blocks causal, blocks of 128, CUDA): the query-side Triton kernel of
+  :mod:`.key_mass`, one program per query block;
+* otherwise an attention *of the keys over the queries*: flex on the transposed problem (keys as
+  queries, the transposed ``BlockMask``), scores ``s_ij + t_j − lse_i``, values ``Δ``. It returns
+  ``Σ_i P_ij Δ_i / Σ_i P_ij`` and ``log Σ_i P_ij``, whose product is the sum (rounded to bf16
+  like ``dV`` is).
+
+Measured on an H100 at N = 32k (Hq 16, Hkv 8, D 128), DMA block selection fwd+bwd: 10.55 ms with
+flex's atomics, 8.86 ms with the transposed pass, 8.09 ms with the query-side kernel. Over the
+token layout's 129k key copies the transposed pass was slower than the atomics (17.1 vs 14.3 ms),
+so the layout does not use the closed form.
 """
 
 from __future__ import annotations
