@@ -80,16 +80,20 @@ def key_mass(q, k, t, lse, delta, block_mask: BlockMask, scale: float) -> torch.
 if triton is not None:
 
     @triton.jit
-    def _tile(acc_ptrs, q, k_ptrs, t_ptrs, lse, delta, offs_m, offs_n, n, scale, CAUSAL: tl.constexpr):
-        in_range = offs_n < n
-        k = tl.load(k_ptrs, mask=in_range[:, None], other=0.0)
-        t = tl.load(t_ptrs, mask=in_range, other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * scale + t[None, :]
-        keep = in_range[None, :]
-        if CAUSAL:
-            keep = keep & (offs_n[None, :] <= offs_m[:, None])
-        p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
-        tl.atomic_add(acc_ptrs, tl.sum(p * delta[:, None], 0), mask=in_range)
+    def _row(acc_base, q, k_ptrs, skn, t_base, stn, lse, delta, offs_m, n, scale, num_ptr, idx_ptr, s_idx,
+             CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+        # add the column sums of P·Δ over the key blocks listed at idx_ptr (num_ptr of them)
+        for j in range(0, tl.load(num_ptr)):
+            offs_n = tl.load(idx_ptr + j * s_idx) * BLOCK_N + tl.arange(0, BLOCK_N)
+            in_range = offs_n < n
+            k = tl.load(k_ptrs + offs_n[:, None] * skn, mask=in_range[:, None], other=0.0)
+            t = tl.load(t_base + offs_n * stn, mask=in_range, other=0.0).to(tl.float32)
+            s = tl.dot(q, tl.trans(k)) * scale + t[None, :]
+            keep = in_range[None, :]
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None])
+            p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
+            tl.atomic_add(acc_base + offs_n, tl.sum(p * delta[:, None], 0), mask=in_range)
 
     @triton.autotune(
         configs=[
@@ -132,18 +136,11 @@ if triton is not None:
         bm_b = b if BM_BATCH else 0
         bm_h = h if BM_HEADS else 0
         acc_base = MASS + bh * n
-        arange_n = tl.arange(0, BLOCK_N)
-        # full blocks: no mask
-        count = tl.load(FULL_NUM + bm_b * sfb + bm_h * sfh + qb * sfq)
-        idx_base = FULL_IDX + bm_b * sjb + bm_h * sjh + qb * sjq
-        for j in range(0, count):
-            offs_n = tl.load(idx_base + j * sjk) * BLOCK_N + arange_n
-            _tile(acc_base + offs_n, q, k_base + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                  t_base + offs_n * stn, lse, delta, offs_m, offs_n, n, scale, CAUSAL=False)
-        # partial blocks: causal
-        count = tl.load(KV_NUM + bm_b * snb + bm_h * snh + qb * snq)
-        idx_base = KV_IDX + bm_b * sib + bm_h * sih + qb * siq
-        for j in range(0, count):
-            offs_n = tl.load(idx_base + j * sik) * BLOCK_N + arange_n
-            _tile(acc_base + offs_n, q, k_base + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                  t_base + offs_n * stn, lse, delta, offs_m, offs_n, n, scale, CAUSAL=True)
+        k_ptrs = k_base + offs_d[None, :] * skd
+        # full blocks (no mask), then partial blocks (causal)
+        _row(acc_base, q, k_ptrs, skn, t_base, stn, lse, delta, offs_m, n, scale,
+             FULL_NUM + bm_b * sfb + bm_h * sfh + qb * sfq, FULL_IDX + bm_b * sjb + bm_h * sjh + qb * sjq, sjk,
+             CAUSAL=False, BLOCK_N=BLOCK_N)
+        _row(acc_base, q, k_ptrs, skn, t_base, stn, lse, delta, offs_m, n, scale,
+             KV_NUM + bm_b * snb + bm_h * snh + qb * snq, KV_IDX + bm_b * sib + bm_h * sih + qb * siq, sik,
+             CAUSAL=True, BLOCK_N=BLOCK_N)
