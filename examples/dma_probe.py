@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 import flexmask as fm
-from flexmask.backends import dma_layout, key_bias
+from flexmask.backends import dma_layout, fused_bwd, key_bias
 from flexmask.blocks import Layout
 
 B, HQ, HKV, D, W = 1, 16, 8, 128, 2048
@@ -70,7 +70,8 @@ def probe(n: int) -> None:
 
 
 def backward_split(q, k, v, s, go) -> None:
-    """fwd+bwd of token and block DMA: no score gradient, flex's atomics, the closed form."""
+    """fwd+bwd of token and block DMA: no score gradient, flex's atomics, the closed form (and, for
+    blocks, the fused Triton backward)."""
     n = q.shape[2]
     for name, mask in [("token", fm.topk(s.detach(), W)), ("block", fm.topk_blocks(s.detach(), W // 128))]:
         times = {}
@@ -81,6 +82,11 @@ def backward_split(q, k, v, s, go) -> None:
             times[label] = bench(lambda m=mask, t=scores, i=inputs: torch.autograd.grad(
                 fm.attention(q, k, v, mask=m, bias=fm.key_bias(t)), i, go))
         key_bias.ENABLED = True
+        if name == "block":  # the fused Triton backward (off by default until measured)
+            fused_bwd.ENABLED = True
+            times["fused backward"] = bench(lambda m=mask: torch.autograd.grad(
+                fm.attention(q, k, v, mask=m, bias=fm.key_bias(s)), (q, k, v, s), go))
+            fused_bwd.ENABLED = False
         print(n, f"{name} fwd+bwd ms:", {key: round(t, 3) for key, t in times.items()}, flush=True)
 
 

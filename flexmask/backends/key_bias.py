@@ -30,7 +30,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 from ..bias import KeyBias, key_term
-from . import key_mass
+from . import fused_bwd, key_mass
 
 VALUE_WIDTH = 16  # the narrowest value head flex compiles
 
@@ -94,6 +94,12 @@ class _KeyBiasAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         out, inner = ctx.graph
         q, k, v = inner
+        if ctx.causal_partial and fused_bwd.supported(q, k, ctx.block_mask):  # all four in two kernels
+            dq, dk, dv, dt = fused_bwd.backward(q.detach(), k.detach(), v.detach(), out.detach(), grad_out,
+                                                ctx.lse, ctx.t, ctx.block_mask, ctx.scale)
+            ctx.graph = None
+            dt = dt.to(ctx.t_dtype) if ctx.needs_input_grad[3] else None
+            return dq, dk, dv, dt, None, None, None, None
         dq, dk, dv = torch.autograd.grad(out, inner, grad_out)
         dt = None
         if ctx.needs_input_grad[3]:

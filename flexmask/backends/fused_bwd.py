@@ -1,0 +1,243 @@
+"""A fused backward for block-sparse attention with a per-key bias (Triton, CUDA): ``dq``, ``dk``,
+``dv`` and the bias gradient ``dt`` in two kernels, with no extra pass for ``dt``.
+
+FlexAttention's backward can give a captured bias its gradient only through one atomic add per
+score; the closed form (:mod:`.key_bias`) needs a second pass over the scores. Here the bias
+gradient is a by-product of the ``dK``/``dV`` kernel: each program owns one key block, already has
+``dS`` for every query that reads it, and sums it over those queries (``dt_j = Σ_i dS_ij``), the
+way it sums ``dSᵀ q`` into ``dK``.
+
+Scope (what :func:`supported` checks): a ``BlockMask`` over blocks of 128 whose partial blocks are
+causal (``j <= i``: :func:`flexmask.topk_blocks`), self-attention, head dim a power of two in
+[16, 128], fp16/bf16. Off by default (:data:`ENABLED`) until it is measured on a GPU against flex's
+backward; the reference for its numbers is the float64 test in ``tests/test_gpu_dma.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask
+
+try:  # Triton ships with CUDA builds of torch; CPU-only installs have none
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+BLOCK = 128
+
+# Off until measured on a GPU (see the module docstring).
+ENABLED = False
+
+
+def supported(q: torch.Tensor, k: torch.Tensor, block_mask: BlockMask | None) -> bool:
+    d = q.shape[-1]
+    return (
+        ENABLED
+        and triton is not None
+        and q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and block_mask is not None
+        and tuple(block_mask.BLOCK_SIZE) == (BLOCK, BLOCK)
+        and q.shape[2] == k.shape[2]
+        and 16 <= d <= 128
+        and d & (d - 1) == 0
+    )
+
+
+def backward(q, k, v, out, grad_out, lse, t, block_mask: BlockMask, scale: float):
+    """``(dq, dk, dv, dt)`` of ``softmax(scale · q kᵀ + t_j) v`` under ``block_mask``.
+
+    Args:
+        q, k, v: ``[B, Hq, N, D]``, ``[B, Hkv, N, D]``, ``[B, Hkv, N, D]``.
+        out, grad_out: ``[B, Hq, N, D]``; lse: ``[B, Hq, N]`` natural log (from the forward).
+        t: the key bias ``[B|1, Hs, N]`` with ``Hs`` 1 or ``Hkv``.
+    Returns:
+        ``dq, dk, dv`` in the inputs' dtype and ``dt`` ``[B|1, Hs, N]`` float32.
+    """
+    q, k, v, grad_out = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, grad_out))
+    B, hq, n, d = q.shape
+    hkv, hs = k.shape[1], t.shape[1]
+    delta = torch.mul(grad_out, out).sum(-1, dtype=torch.float32).contiguous()
+    lse = lse.float().contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dt = torch.zeros(t.shape, device=q.device, dtype=torch.float32)
+    bm = block_mask
+    if bm.full_kv_num_blocks is not None:
+        kv_full, q_full = (bm.full_kv_num_blocks, bm.full_kv_indices), (bm.full_q_num_blocks, bm.full_q_indices)
+    else:  # no full blocks: empty lists
+        kv_full = (torch.zeros_like(bm.kv_num_blocks), bm.kv_indices)
+        q_full = (torch.zeros_like(bm.q_num_blocks), bm.q_indices)
+    common = dict(T_BATCH=t.shape[0] > 1, T_HEADS=hs > 1, BM_BATCH=bm.kv_num_blocks.shape[0] > 1,
+                  BM_HEADS=bm.kv_num_blocks.shape[1] > 1, D=d, BLOCK=BLOCK)
+    nb = -(-n // BLOCK)
+    _dkdv_kernel[(nb, B * hkv)](
+        q, k, v, grad_out, lse, delta, t, dk, dv, dt,
+        bm.q_num_blocks, bm.q_indices, *q_full,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *t.stride(), *dt.stride(),
+        *bm.q_num_blocks.stride(), *bm.q_indices.stride(), *q_full[0].stride(), *q_full[1].stride(),
+        scale, n, hq, hkv, hq // hkv, hkv // hs if hs > 1 else 1,
+        BLOCK_M=64, **common, num_warps=8, num_stages=2,
+    )
+    _dq_kernel[(nb, B * hq)](
+        q, k, v, grad_out, lse, delta, t, dq,
+        bm.kv_num_blocks, bm.kv_indices, *kv_full,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *t.stride(),
+        *bm.kv_num_blocks.stride(), *bm.kv_indices.stride(), *kv_full[0].stride(), *kv_full[1].stride(),
+        scale, n, hq, hq // hkv, hq // hs,
+        BLOCK_N=64, **common, num_warps=8, num_stages=2,
+    )
+    return dq, dk, dv, dt
+
+
+if triton is not None:
+
+    @triton.jit
+    def _dkdv_rows(q_base, do_base, lse_base, delta_base, sqn, sdon, k, v, t, offs_n, offs_d, n, scale,
+                   num_ptr, idx_ptr, s_idx, dk, dv, dt,
+                   CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr):
+        # the query blocks listed at idx_ptr (num_ptr of them), BLOCK_M rows at a time
+        for j in range(0, tl.load(num_ptr)):
+            start = tl.load(idx_ptr + j * s_idx) * BLOCK
+            for mm in range(0, BLOCK // BLOCK_M):
+                offs_m = start + mm * BLOCK_M + tl.arange(0, BLOCK_M)
+                rows = offs_m < n
+                q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :], mask=rows[:, None], other=0.0)
+                do = tl.load(do_base + offs_m[:, None] * sdon + offs_d[None, :], mask=rows[:, None], other=0.0)
+                lse = tl.load(lse_base + offs_m, mask=rows, other=float("inf"))
+                lse = tl.where(lse == float("-inf"), float("inf"), lse)
+                delta = tl.load(delta_base + offs_m, mask=rows, other=0.0)
+                s_t = tl.dot(k, tl.trans(q)) * scale + t[:, None]  # [BLOCK, BLOCK_M]: keys x queries
+                keep = (offs_n[:, None] < n) & rows[None, :]
+                if CAUSAL:
+                    keep = keep & (offs_n[:, None] <= offs_m[None, :])
+                p_t = tl.where(keep, tl.exp(s_t - lse[None, :]), 0.0)
+                dv += tl.dot(p_t.to(do.dtype), do)
+                dp_t = tl.dot(v, tl.trans(do))
+                ds_t = p_t * (dp_t - delta[None, :])
+                dk += tl.dot(ds_t.to(q.dtype), q)
+                dt += tl.sum(ds_t, 1)
+        return dk, dv, dt
+
+    @triton.jit
+    def _dkdv_kernel(
+        Q, K, V, DO, LSE, DELTA, T, DK, DV, DT,
+        Q_NUM, Q_IDX, FULLQ_NUM, FULLQ_IDX,
+        sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+        stb, sth, stn, sdtb, sdth, sdtn,
+        snb, snh, snk, sib, sih, sik, siq, sfb, sfh, sfk, sjb, sjh, sjk, sjq,
+        scale, n, hq, hkv, GROUP, GROUP_T,
+        T_BATCH: tl.constexpr, T_HEADS: tl.constexpr, BM_BATCH: tl.constexpr, BM_HEADS: tl.constexpr,
+        D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+    ):
+        kb = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // hkv
+        hk = bh % hkv
+        offs_n = kb * BLOCK + tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, D)
+        cols = offs_n < n
+        k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=cols[:, None],
+                    other=0.0)
+        v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=cols[:, None],
+                    other=0.0)
+        t_base = T
+        dt_base = DT
+        if T_BATCH:
+            t_base += b * stb
+            dt_base += b * sdtb
+        if T_HEADS:
+            t_base += (hk // GROUP_T) * sth
+            dt_base += (hk // GROUP_T) * sdth
+        t = tl.load(t_base + offs_n * stn, mask=cols, other=0.0).to(tl.float32)
+        dk = tl.zeros([BLOCK, D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK, D], dtype=tl.float32)
+        dt = tl.zeros([BLOCK], dtype=tl.float32)
+        bm_b = b if BM_BATCH else 0
+        for g in range(0, GROUP):
+            h = hk * GROUP + g
+            bm_h = h if BM_HEADS else 0
+            q_base = Q + b * sqb + h * sqh
+            do_base = DO + b * sob + h * soh
+            lse_base = LSE + (b * hq + h) * n
+            delta_base = DELTA + (b * hq + h) * n
+            dk, dv, dt = _dkdv_rows(q_base, do_base, lse_base, delta_base, sqn, son, k, v, t, offs_n, offs_d,
+                                    n, scale, FULLQ_NUM + bm_b * sfb + bm_h * sfh + kb * sfk,
+                                    FULLQ_IDX + bm_b * sjb + bm_h * sjh + kb * sjk, sjq, dk, dv, dt,
+                                    CAUSAL=False, BLOCK=BLOCK, BLOCK_M=BLOCK_M)
+            dk, dv, dt = _dkdv_rows(q_base, do_base, lse_base, delta_base, sqn, son, k, v, t, offs_n, offs_d,
+                                    n, scale, Q_NUM + bm_b * snb + bm_h * snh + kb * snk,
+                                    Q_IDX + bm_b * sib + bm_h * sih + kb * sik, siq, dk, dv, dt,
+                                    CAUSAL=True, BLOCK=BLOCK, BLOCK_M=BLOCK_M)
+        out = offs_n[:, None] * skn + offs_d[None, :] * skd
+        tl.store(DK + b * skb + hk * skh + out, (dk * scale).to(DK.dtype.element_ty), mask=cols[:, None])
+        tl.store(DV + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                 dv.to(DV.dtype.element_ty), mask=cols[:, None])
+        tl.atomic_add(dt_base + offs_n * sdtn, dt, mask=cols)  # heads/batch sharing one bias row add up
+
+    @triton.jit
+    def _dq_cols(q, do, lse, delta, k_base, v_base, t_base, skn, svn, stn, offs_m, offs_d, n, scale,
+                 num_ptr, idx_ptr, s_idx, dq,
+                 CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+        # the key blocks listed at idx_ptr (num_ptr of them), BLOCK_N keys at a time
+        for j in range(0, tl.load(num_ptr)):
+            start = tl.load(idx_ptr + j * s_idx) * BLOCK
+            for nn in range(0, BLOCK // BLOCK_N):
+                offs_n = start + nn * BLOCK_N + tl.arange(0, BLOCK_N)
+                cols = offs_n < n
+                k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=cols[:, None], other=0.0)
+                v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=cols[:, None], other=0.0)
+                t = tl.load(t_base + offs_n * stn, mask=cols, other=0.0).to(tl.float32)
+                s = tl.dot(q, tl.trans(k)) * scale + t[None, :]
+                keep = cols[None, :] & (offs_m[:, None] < n)
+                if CAUSAL:
+                    keep = keep & (offs_n[None, :] <= offs_m[:, None])
+                p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
+                dp = tl.dot(do, tl.trans(v))
+                ds = p * (dp - delta[:, None])
+                dq += tl.dot(ds.to(k.dtype), k)
+        return dq
+
+    @triton.jit
+    def _dq_kernel(
+        Q, K, V, DO, LSE, DELTA, T, DQ,
+        KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
+        sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+        stb, sth, stn,
+        snb, snh, snq, sib, sih, siq, sik, sfb, sfh, sfq, sjb, sjh, sjq, sjk,
+        scale, n, hq, GROUP, GROUP_T,
+        T_BATCH: tl.constexpr, T_HEADS: tl.constexpr, BM_BATCH: tl.constexpr, BM_HEADS: tl.constexpr,
+        D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        qb = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // hq
+        h = bh % hq
+        offs_m = qb * BLOCK + tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, D)
+        rows = offs_m < n
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=rows[:, None],
+                    other=0.0)
+        do = tl.load(DO + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, mask=rows[:, None],
+                     other=0.0)
+        lse = tl.load(LSE + bh * n + offs_m, mask=rows, other=float("inf"))
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)
+        delta = tl.load(DELTA + bh * n + offs_m, mask=rows, other=0.0)
+        k_base = K + b * skb + (h // GROUP) * skh
+        v_base = V + b * svb + (h // GROUP) * svh
+        t_base = T
+        if T_BATCH:
+            t_base += b * stb
+        if T_HEADS:
+            t_base += (h // GROUP_T) * sth
+        bm_b = b if BM_BATCH else 0
+        bm_h = h if BM_HEADS else 0
+        dq = tl.zeros([BLOCK, D], dtype=tl.float32)
+        dq = _dq_cols(q, do, lse, delta, k_base, v_base, t_base, skn, svn, stn, offs_m, offs_d, n, scale,
+                      FULL_NUM + bm_b * sfb + bm_h * sfh + qb * sfq, FULL_IDX + bm_b * sjb + bm_h * sjh + qb * sjq,
+                      sjk, dq, CAUSAL=False, BLOCK=BLOCK, BLOCK_N=BLOCK_N)
+        dq = _dq_cols(q, do, lse, delta, k_base, v_base, t_base, skn, svn, stn, offs_m, offs_d, n, scale,
+                      KV_NUM + bm_b * snb + bm_h * snh + qb * snq, KV_IDX + bm_b * sib + bm_h * sih + qb * siq,
+                      sik, dq, CAUSAL=True, BLOCK=BLOCK, BLOCK_N=BLOCK_N)
+        tl.store(DQ + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+                 (dq * scale).to(DQ.dtype.element_ty), mask=rows[:, None])
