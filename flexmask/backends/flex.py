@@ -106,9 +106,16 @@ def with_lse(q, k, v, score_mod, block_mask, scale, *, compile_backend: str = "i
                 return_lse=True)
 
 
+_limit_raised = False
+
+
 def _raise_recompile_limit() -> None:
     """Raise dynamo's recompile limits to at least :data:`RECOMPILE_LIMIT` (process-wide, once:
     patching the config around every call costs more host time than a short kernel takes)."""
+    global _limit_raised
+    if _limit_raised:
+        return
+    _limit_raised = True
     config = torch._dynamo.config
     if config.recompile_limit < RECOMPILE_LIMIT:
         config.recompile_limit = RECOMPILE_LIMIT
