@@ -178,11 +178,14 @@ class _ContentMask(Mask):
         self.k = _positive_int("k", k)
         self.among = among
         self._documents, self._padding = _candidates(among)
-        if self._documents is not None:  # checked once here, not on every attention call
+        # Checked once here, not on every attention call; not inside torch.compile, where reading the
+        # ids would break the graph (flexmask.hf validates the documents it builds before tracing).
+        if self._documents is not None and not torch.compiler.is_compiling():
             ids = self._documents.ids
-            starts = (ids[:, 1:] != ids[:, :-1]).sum(-1) + 1
-            distinct = torch.tensor([row.unique().numel() for row in ids])
-            if bool((starts.cpu() != distinct).any()):
+            # contiguous documents: as many id changes along each row as in the row sorted
+            changes = (ids[:, 1:] != ids[:, :-1]).sum(-1)
+            ordered = ids.sort(-1).values
+            if bool((changes != (ordered[:, 1:] != ordered[:, :-1]).sum(-1)).any()):
                 raise ValueError("top-k among documents needs each document's positions to be contiguous (packed)")
         self._cache: dict = {}
 
@@ -232,10 +235,26 @@ class _ContentMask(Mask):
         return (layout.batch, layout.device, self.scores.data_ptr(), self.scores._version)
 
     def cached(self, name, layout: Layout, compute):
-        """``compute()`` once per (name, layout, score contents) — for backends' derived state."""
+        """``compute()`` once per (name, layout, score contents) — for backends' derived state.
+
+        Inside ``torch.compile`` nothing is cached: the computation is traced into the graph (the
+        cache key reads the scores' storage address, which a traced graph cannot).
+        """
+        if torch.compiler.is_compiling():
+            return compute()
         key = (name, *self._cache_key(layout))
         if key not in self._cache:
             self._cache[key] = compute()
+        return self._cache[key]
+
+    def _selection(self, layout: Layout, compute):
+        """The selection (``compute()``) for the current score contents; new contents drop
+        everything derived from the old ones. Traced, not cached, inside ``torch.compile``."""
+        if torch.compiler.is_compiling():
+            return compute()
+        key = self._cache_key(layout)
+        if key not in self._cache:
+            self._cache = {key: compute()}
         return self._cache[key]
 
     def _with_among(self, layout, fn):
@@ -269,8 +288,8 @@ class TopK(_ContentMask):
 
     def interval_ends(self, layout: Layout) -> torch.Tensor:
         """``e`` [B, Hs, KV] int32: query ``i`` keeps key ``j`` iff ``j <= i < e[j]``."""
-        key = self._cache_key(layout)
-        if key not in self._cache:
+
+        def compute():
             s, segments = self._candidate_scores(layout)
             b, hs, n = s.shape
             flat = None if segments is None else segments.reshape(b * hs, n)
@@ -280,8 +299,9 @@ class TopK(_ContentMask):
                 e = torch.where(rank < self.k, n, pos).reshape(b, hs, n)
             else:
                 e = _interval_ends_fused(s.reshape(b * hs, n), self.k, flat).reshape(b, hs, n)
-            self._cache = {key: e.to(torch.int32)}  # new scores: drop everything derived from old ones
-        return self._cache[key]
+            return e.to(torch.int32)
+
+        return self._selection(layout, compute)
 
     def _check(self, layout):
         self._check_shapes(layout, layout.kv_len, f"kv_len={layout.kv_len} (one score per key)")
@@ -334,8 +354,8 @@ class TopKBlocks(_ContentMask):
 
         Query block ``t`` keeps past block ``u < t`` iff ``rank[u] <= threshold[t]``.
         """
-        key = self._cache_key(layout)
-        if key not in self._cache:
+
+        def compute():
             bs, nb = self.block_size, self._num_blocks(layout)
             per_key = self.scores.shape[-1] != nb
             s, _ = self._candidate_scores(layout, per_key=per_key)
@@ -346,8 +366,9 @@ class TopKBlocks(_ContentMask):
                 lengths = self._padding.lengths.to(layout.device).view(-1, 1, 1)
                 s = s.masked_fill(torch.arange(nb, device=layout.device) * bs >= lengths, float("-inf"))
             b, hs, _ = s.shape
-            self._cache = {key: _block_ranks(s.reshape(b * hs, nb), self.k).reshape(2, b, hs, nb)}
-        return self._cache[key]
+            return _block_ranks(s.reshape(b * hs, nb), self.k).reshape(2, b, hs, nb)
+
+        return self._selection(layout, compute)
 
     def _replayed_block_mask(self, layout: Layout, block_size: int):
         # the common training case (CUDA, eager, self-attention, no `among`, the selection's own

@@ -470,3 +470,26 @@ def test_to_dma_block_selection(gen, tmp_path):
         fm.hf.to_dma(llama(), keep_window=8, selection="blocks")
     with pytest.raises(ValueError, match="smaller than block_size"):
         fm.hf.to_dma(llama(), keep_window=8, selection="block", block_size=16)
+
+
+@needs_topk
+@pytest.mark.parametrize("kind", ["apply", "dma-token", "dma-block"])
+def test_compiled_models_trace_as_one_graph(kind, gen):
+    """Under torch.compile, flexmask's attention (plain, DMA token and block selection, with padding)
+    adds no graph break: dynamo's explain counts one graph. (Caches keyed by tensor storage are
+    skipped inside compile; the computation is traced instead.)"""
+    model = llama()
+    if kind == "apply":
+        fm.hf.apply(model)
+    elif kind == "dma-token":
+        fm.hf.to_dma(model, keep_window=6)
+    else:
+        fm.hf.to_dma(model, keep_window=128, selection="block", block_size=128)
+    for layer in model.model.layers:  # nonzero gates: a real content selection
+        if hasattr(layer.self_attn, "A"):
+            layer.self_attn.A.data.normal_(generator=gen)
+    ids = torch.randint(1, V, (2, 40), generator=gen)
+    with torch.no_grad():
+        explain = torch._dynamo.explain(model)(ids, attention_mask=left_padding(2, 40, 5))
+    reasons = [str(r.reason)[:200] for r in explain.break_reasons]
+    assert (explain.graph_count, explain.graph_break_count) == (1, 0), reasons
