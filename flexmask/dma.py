@@ -179,7 +179,7 @@ class _ContentMask(Mask):
         self.among = among
         self._documents, self._padding = _candidates(among)
         # Checked once here, not on every attention call; not inside torch.compile, where reading the
-        # ids would break the graph (flexmask.hf validates the documents it builds before tracing).
+        # ids would break the graph (the documents flexmask.hf builds from padding are contiguous).
         if self._documents is not None and not torch.compiler.is_compiling():
             ids = self._documents.ids
             # contiguous documents: as many id changes along each row as in the row sorted
