@@ -77,7 +77,7 @@ def backward(q, k, v, out, grad_out, lse, t, block_mask: BlockMask, scale: float
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *t.stride(), *dt.stride(),
         *bm.q_num_blocks.stride(), *bm.q_indices.stride(), *q_full[0].stride(), *q_full[1].stride(),
         scale, n, hq, hkv, hq // hkv, hkv // hs if hs > 1 else 1,
-        BLOCK_M=64, **common, num_warps=8, num_stages=2,
+        **common,
     )
     _dq_kernel[(nb, B * hq)](
         q, k, v, grad_out, lse, delta, t, dq,
@@ -85,7 +85,7 @@ def backward(q, k, v, out, grad_out, lse, t, block_mask: BlockMask, scale: float
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *t.stride(),
         *bm.kv_num_blocks.stride(), *bm.kv_indices.stride(), *kv_full[0].stride(), *kv_full[1].stride(),
         scale, n, hq, hq // hkv, hq // hs,
-        BLOCK_N=64, **common, num_warps=8, num_stages=2,
+        **common,
     )
     return dq, dk, dv, dt
 
@@ -119,6 +119,11 @@ if triton is not None:
                 dt += tl.sum(ds_t, 1)
         return dk, dv, dt
 
+    def _configs(name):  # tiles of the inner loop, warps, stages: tuned on first use per head dim
+        return [triton.Config({name: size}, num_warps=w, num_stages=st)
+                for size in (32, 64) for w in (4, 8) for st in (1, 2)]
+
+    @triton.autotune(configs=_configs("BLOCK_M"), key=["D", "GROUP"], reset_to_zero=["DT"])
     @triton.jit
     def _dkdv_kernel(
         Q, K, V, DO, LSE, DELTA, T, DK, DV, DT,
@@ -198,6 +203,7 @@ if triton is not None:
                 dq += tl.dot(ds.to(k.dtype), k)
         return dq
 
+    @triton.autotune(configs=_configs("BLOCK_N"), key=["D", "GROUP"])
     @triton.jit
     def _dq_kernel(
         Q, K, V, DO, LSE, DELTA, T, DQ,
