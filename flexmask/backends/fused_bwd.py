@@ -31,6 +31,7 @@ ENABLED = False
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, block_mask: BlockMask | None) -> bool:
+    """Whether :func:`backward` can run (and is switched on) for this call."""
     d = q.shape[-1]
     return (
         ENABLED
@@ -45,7 +46,10 @@ def supported(q: torch.Tensor, k: torch.Tensor, block_mask: BlockMask | None) ->
     )
 
 
-def backward(q, k, v, out, grad_out, lse, t, block_mask: BlockMask, scale: float):
+def backward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor,
+    lse: torch.Tensor, t: torch.Tensor, block_mask: BlockMask, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv, dt)`` of ``softmax(scale · q kᵀ + t_j) v`` under ``block_mask``.
 
     Args:

@@ -44,7 +44,10 @@ def supported(q: torch.Tensor, block_mask: BlockMask | None) -> bool:
     )
 
 
-def key_mass(q, k, t, lse, delta, block_mask: BlockMask, scale: float) -> torch.Tensor:
+def key_mass(
+    q: torch.Tensor, k: torch.Tensor, t: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor,
+    block_mask: BlockMask, scale: float,
+) -> torch.Tensor:
     """``Σ_i P_ij Δ_i`` ``[B, Hq, KV]`` (float32) with ``P_ij = exp(scale · q_i·k_j + t_j − lse_i)``.
 
     Args:
