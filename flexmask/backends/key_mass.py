@@ -30,13 +30,15 @@ ENABLED = True
 
 
 def supported(q: torch.Tensor, block_mask: BlockMask | None) -> bool:
-    """Whether :func:`key_mass` can run: CUDA, Triton, head dim a power of two in [16, 256], and a
-    ``BlockMask`` over blocks of 128 for self-attention."""
+    """Whether :func:`key_mass` can run: CUDA, Triton, fp16/bf16 (float32/float64 inputs keep the
+    exact transposed pass: the kernel's dot products would round through TF32), head dim a power of
+    two in [16, 256], and a ``BlockMask`` over blocks of 128."""
     d = q.shape[-1]
     return (
         ENABLED
         and triton is not None
         and q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
         and block_mask is not None
         and tuple(block_mask.BLOCK_SIZE) == (BLOCK, BLOCK)
         and 16 <= d <= 256
