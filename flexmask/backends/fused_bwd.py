@@ -18,32 +18,21 @@ from __future__ import annotations
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
-try:  # Triton ships with CUDA builds of torch; CPU-only installs have none
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None
+from .key_mass import BLOCK, kernels_apply, triton
 
-BLOCK = 128
+if triton is not None:
+    import triton.language as tl
+
+    from .key_mass import _probabilities, _row_terms
 
 # Off until measured on a GPU (see the module docstring).
 ENABLED = False
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, block_mask: BlockMask | None) -> bool:
-    """Whether :func:`backward` can run (and is switched on) for this call."""
-    d = q.shape[-1]
-    return (
-        ENABLED
-        and triton is not None
-        and q.is_cuda
-        and q.dtype in (torch.float16, torch.bfloat16)
-        and block_mask is not None
-        and tuple(block_mask.BLOCK_SIZE) == (BLOCK, BLOCK)
-        and q.shape[2] == k.shape[2]
-        and 16 <= d <= 128
-        and d & (d - 1) == 0
-    )
+    """Whether :func:`backward` can run (and is switched on) for this call: self-attention and
+    :func:`.key_mass.kernels_apply` with head dims up to 128."""
+    return ENABLED and q.shape[2] == k.shape[2] and kernels_apply(q, block_mask, 128)
 
 
 def backward(
@@ -97,7 +86,7 @@ def backward(
 if triton is not None:
 
     @triton.jit
-    def _dkdv_rows(q_base, do_base, lse_base, delta_base, sqn, sdon, k, v, t, offs_n, offs_d, n, scale,
+    def _dkdv_rows(q_base, do_base, LSE, DELTA, row0, sqn, sdon, k, v, t, offs_n, offs_d, n, scale,
                    num_ptr, idx_ptr, s_idx, dk, dv, dt,
                    CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr):
         # the query blocks listed at idx_ptr (num_ptr of them), BLOCK_M rows at a time
@@ -108,9 +97,7 @@ if triton is not None:
                 rows = offs_m < n
                 q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :], mask=rows[:, None], other=0.0)
                 do = tl.load(do_base + offs_m[:, None] * sdon + offs_d[None, :], mask=rows[:, None], other=0.0)
-                lse = tl.load(lse_base + offs_m, mask=rows, other=float("inf"))
-                lse = tl.where(lse == float("-inf"), float("inf"), lse)
-                delta = tl.load(delta_base + offs_m, mask=rows, other=0.0)
+                lse, delta = _row_terms(LSE, DELTA, row0, offs_m, rows)
                 s_t = tl.dot(k, tl.trans(q)) * scale + t[:, None]  # [BLOCK, BLOCK_M]: keys x queries
                 keep = (offs_n[:, None] < n) & rows[None, :]
                 if CAUSAL:
@@ -168,13 +155,12 @@ if triton is not None:
             bm_h = h if BM_HEADS else 0
             q_base = Q + b * sqb + h * sqh
             do_base = DO + b * sob + h * soh
-            lse_base = LSE + (b * hq + h) * n
-            delta_base = DELTA + (b * hq + h) * n
-            dk, dv, dt = _dkdv_rows(q_base, do_base, lse_base, delta_base, sqn, son, k, v, t, offs_n, offs_d,
+            row0 = (b * hq + h) * n
+            dk, dv, dt = _dkdv_rows(q_base, do_base, LSE, DELTA, row0, sqn, son, k, v, t, offs_n, offs_d,
                                     n, scale, FULLQ_NUM + bm_b * sfb + bm_h * sfh + kb * sfk,
                                     FULLQ_IDX + bm_b * sjb + bm_h * sjh + kb * sjk, sjq, dk, dv, dt,
                                     CAUSAL=False, BLOCK=BLOCK, BLOCK_M=BLOCK_M)
-            dk, dv, dt = _dkdv_rows(q_base, do_base, lse_base, delta_base, sqn, son, k, v, t, offs_n, offs_d,
+            dk, dv, dt = _dkdv_rows(q_base, do_base, LSE, DELTA, row0, sqn, son, k, v, t, offs_n, offs_d,
                                     n, scale, Q_NUM + bm_b * snb + bm_h * snh + kb * snk,
                                     Q_IDX + bm_b * sib + bm_h * sih + kb * sik, siq, dk, dv, dt,
                                     CAUSAL=True, BLOCK=BLOCK, BLOCK_M=BLOCK_M)
@@ -197,11 +183,7 @@ if triton is not None:
                 k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=cols[:, None], other=0.0)
                 v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=cols[:, None], other=0.0)
                 t = tl.load(t_base + offs_n * stn, mask=cols, other=0.0).to(tl.float32)
-                s = tl.dot(q, tl.trans(k)) * scale + t[None, :]
-                keep = cols[None, :] & (offs_m[:, None] < n)
-                if CAUSAL:
-                    keep = keep & (offs_n[None, :] <= offs_m[:, None])
-                p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
+                p = _probabilities(q, k, t, lse, offs_m, offs_n, n, scale, CAUSAL)
                 dp = tl.dot(do, tl.trans(v))
                 ds = p * (dp - delta[:, None])
                 dq += tl.dot(ds.to(k.dtype), k)
@@ -230,9 +212,7 @@ if triton is not None:
                     other=0.0)
         do = tl.load(DO + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, mask=rows[:, None],
                      other=0.0)
-        lse = tl.load(LSE + bh * n + offs_m, mask=rows, other=float("inf"))
-        lse = tl.where(lse == float("-inf"), float("inf"), lse)
-        delta = tl.load(DELTA + bh * n + offs_m, mask=rows, other=0.0)
+        lse, delta = _row_terms(LSE, DELTA, bh * n, offs_m, rows)
         k_base = K + b * skb + (h // GROUP) * skh
         v_base = V + b * svb + (h // GROUP) * svh
         t_base = T

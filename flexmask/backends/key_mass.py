@@ -29,21 +29,25 @@ BLOCK = 128
 ENABLED = True
 
 
-def supported(q: torch.Tensor, block_mask: BlockMask | None) -> bool:
-    """Whether :func:`key_mass` can run: CUDA, Triton, fp16/bf16 (float32/float64 inputs keep the
-    exact transposed pass: the kernel's dot products would round through TF32), head dim a power of
-    two in [16, 256], and a ``BlockMask`` over blocks of 128."""
+def kernels_apply(q: torch.Tensor, block_mask: BlockMask | None, max_head_dim: int) -> bool:
+    """Whether this module's kernels (and :mod:`.fused_bwd`'s) can run: CUDA, Triton, fp16/bf16
+    (float32/float64 inputs keep exact paths: the kernels' dot products would round through TF32),
+    head dim a power of two in [16, ``max_head_dim``], and a ``BlockMask`` over blocks of 128."""
     d = q.shape[-1]
     return (
-        ENABLED
-        and triton is not None
+        triton is not None
         and q.is_cuda
         and q.dtype in (torch.float16, torch.bfloat16)
         and block_mask is not None
         and tuple(block_mask.BLOCK_SIZE) == (BLOCK, BLOCK)
-        and 16 <= d <= 256
+        and 16 <= d <= max_head_dim
         and d & (d - 1) == 0
     )
+
+
+def supported(q: torch.Tensor, block_mask: BlockMask | None) -> bool:
+    """Whether :func:`key_mass` can run (and is switched on): see :func:`kernels_apply`."""
+    return ENABLED and kernels_apply(q, block_mask, 256)
 
 
 def key_mass(
@@ -85,6 +89,22 @@ def key_mass(
 if triton is not None:
 
     @triton.jit
+    def _row_terms(LSE, DELTA, row0, offs_m, rows):
+        # lse and Δ of some query rows; rows past the end or with no key get lse = +inf (P = 0)
+        lse = tl.load(LSE + row0 + offs_m, mask=rows, other=float("inf"))
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)
+        return lse, tl.load(DELTA + row0 + offs_m, mask=rows, other=0.0)
+
+    @triton.jit
+    def _probabilities(q, k, t, lse, offs_m, offs_n, n, scale, CAUSAL: tl.constexpr):
+        # P = exp(scale · q kᵀ + t − lse) of a tile, 0 for keys past the end (and after the query if CAUSAL)
+        s = tl.dot(q, tl.trans(k)) * scale + t[None, :]
+        keep = (offs_n < n)[None, :]
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= offs_m[:, None])
+        return tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
+
+    @triton.jit
     def _row(acc_base, q, k_ptrs, skn, t_base, stn, lse, delta, offs_m, n, scale, num_ptr, idx_ptr, s_idx,
              CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
         # add the column sums of P·Δ over the key blocks listed at idx_ptr (num_ptr of them)
@@ -93,11 +113,7 @@ if triton is not None:
             in_range = offs_n < n
             k = tl.load(k_ptrs + offs_n[:, None] * skn, mask=in_range[:, None], other=0.0)
             t = tl.load(t_base + offs_n * stn, mask=in_range, other=0.0).to(tl.float32)
-            s = tl.dot(q, tl.trans(k)) * scale + t[None, :]
-            keep = in_range[None, :]
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None])
-            p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
+            p = _probabilities(q, k, t, lse, offs_m, offs_n, n, scale, CAUSAL)
             tl.atomic_add(acc_base + offs_n, tl.sum(p * delta[:, None], 0), mask=in_range)
 
     @triton.autotune(
@@ -129,9 +145,7 @@ if triton is not None:
         rows = offs_m < n
         q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
                     mask=rows[:, None], other=0.0)
-        lse = tl.load(LSE + bh * n + offs_m, mask=rows, other=float("inf"))
-        lse = tl.where(lse == float("-inf"), float("inf"), lse)  # a row with no key adds nothing
-        delta = tl.load(DELTA + bh * n + offs_m, mask=rows, other=0.0)
+        lse, delta = _row_terms(LSE, DELTA, bh * n, offs_m, rows)
         k_base = K + b * skb + (h // GROUP_KV) * skh
         t_base = T
         if T_BATCH:
