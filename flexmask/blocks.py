@@ -58,7 +58,8 @@ class CudaGraphed:
 
     Each graph keeps its temporaries in a private memory pool (``O((N / 128)²)`` bytes per head);
     at most ``size`` graphs are kept, least recently used first out. A capture that fails
-    (an operation a graph cannot hold) falls back to running ``fn`` eagerly for that shape.
+    (an operation a graph cannot hold) falls back to running ``fn`` eagerly for that shape, as do
+    inputs off CUDA and calls inside ``torch.compile``.
     """
 
     def __init__(self, fn: Callable, size: int = 4):
@@ -66,7 +67,8 @@ class CudaGraphed:
         self._graphs: OrderedDict = OrderedDict()
 
     def __call__(self, x: torch.Tensor, key: Hashable = None) -> tuple[torch.Tensor, ...]:
-        if torch.cuda.is_current_stream_capturing():  # inside the caller's own graph: just record
+        # no graph off CUDA, inside torch.compile (traced instead) or inside the caller's own capture
+        if not x.is_cuda or torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
             return self.fn(x, key)
         key = (tuple(x.shape), x.dtype, x.device, key)
         entry = self._graphs.get(key)

@@ -385,8 +385,8 @@ class TopKBlocks(_ContentMask):
         ):
             return None
         k, bs = self.k, self.block_size
-        sel, *tensors = _graphed_build(self.scores.detach(), key=(k, bs, layout))
-        self._cache = {self._cache_key(layout): sel}
+        sel, *tensors = _graphed_build(self.scores.detach().to(layout.device), key=(k, bs, layout))
+        self._selection(layout, lambda: sel)  # the mask_mod reads the replayed selection
         return block_mask_from_tensors(tensors, self._mask_mod(layout), layout.q_len, layout.kv_len, bs)
 
     def _mask_mod(self, layout):

@@ -183,15 +183,12 @@ def layout_attention(q, k, v, mask, bias, scale: float, layout) -> torch.Tensor:
 def _prepare(mask, layout) -> dict:
     """Everything about the layout that depends on the scores only (cached per mask).
 
-    On CUDA (eager) the computation is replayed from a CUDA graph: it is a few dozen kernels
-    (interval ends, the plan's sorts and searches, the BlockMask's index tensors) whose launches
-    otherwise cost more host time than the GPU spends on them.
+    On CUDA (eager) the computation is replayed from a CUDA graph (``flexmask.blocks.CudaGraphed``):
+    it is a few dozen kernels (interval ends, the plan's sorts and searches, the BlockMask's index
+    tensors) whose launches otherwise cost more host time than the GPU spends on them.
     """
-    if GRAPHED_BUILD and layout.device.type == "cuda" and not torch.compiler.is_compiling():
-        tensors = _graphed_tensors(mask.scores.detach(), key=(mask.k, layout))
-    else:
-        tensors = _layout_tensors(mask.scores.detach(), key=(mask.k, layout))
-    orig, ends_lay, lo, hi, *block_tensors = tensors
+    build = _graphed_tensors if GRAPHED_BUILD else _layout_tensors
+    orig, ends_lay, lo, hi, *block_tensors = build(mask.scores.detach().to(layout.device), key=(mask.k, layout))
     B, hs, m = orig.shape
     group = layout.heads // hs
     block = BLOCK
