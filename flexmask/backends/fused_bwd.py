@@ -89,30 +89,31 @@ if triton is not None:
     def _dkdv_rows(q_base, do_base, LSE, DELTA, row0, sqn, sdon, k, v, t, offs_n, offs_d, n, scale,
                    num_ptr, idx_ptr, s_idx, dk, dv, dt,
                    CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr):
-        # the query blocks listed at idx_ptr (num_ptr of them), BLOCK_M rows at a time
-        for j in range(0, tl.load(num_ptr)):
-            start = tl.load(idx_ptr + j * s_idx) * BLOCK
-            for mm in range(0, BLOCK // BLOCK_M):
-                offs_m = start + mm * BLOCK_M + tl.arange(0, BLOCK_M)
-                rows = offs_m < n
-                q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :], mask=rows[:, None], other=0.0)
-                do = tl.load(do_base + offs_m[:, None] * sdon + offs_d[None, :], mask=rows[:, None], other=0.0)
-                lse, delta = _row_terms(LSE, DELTA, row0, offs_m, rows)
-                s_t = tl.dot(k, tl.trans(q)) * scale + t[:, None]  # [BLOCK, BLOCK_M]: keys x queries
-                keep = (offs_n[:, None] < n) & rows[None, :]
-                if CAUSAL:
-                    keep = keep & (offs_n[:, None] <= offs_m[None, :])
-                p_t = tl.where(keep, tl.exp(s_t - lse[None, :]), 0.0)
-                dv += tl.dot(p_t.to(do.dtype), do)
-                dp_t = tl.dot(v, tl.trans(do))
-                ds_t = p_t * (dp_t - delta[None, :])
-                dk += tl.dot(ds_t.to(q.dtype), q)
-                dt += tl.sum(ds_t, 1)
+        # the query blocks listed at idx_ptr (num_ptr of them), BLOCK_M rows at a time, in one flat
+        # loop (Triton pipelines the innermost loop only)
+        per_block: tl.constexpr = BLOCK // BLOCK_M
+        for it in range(0, tl.load(num_ptr) * per_block):
+            start = tl.load(idx_ptr + (it // per_block) * s_idx) * BLOCK + (it % per_block) * BLOCK_M
+            offs_m = start + tl.arange(0, BLOCK_M)
+            rows = offs_m < n
+            q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :], mask=rows[:, None], other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * sdon + offs_d[None, :], mask=rows[:, None], other=0.0)
+            lse, delta = _row_terms(LSE, DELTA, row0, offs_m, rows)
+            s_t = tl.dot(k, tl.trans(q)) * scale + t[:, None]  # [BLOCK, BLOCK_M]: keys x queries
+            keep = (offs_n[:, None] < n) & rows[None, :]
+            if CAUSAL:
+                keep = keep & (offs_n[:, None] <= offs_m[None, :])
+            p_t = tl.where(keep, tl.exp(s_t - lse[None, :]), 0.0)
+            dv += tl.dot(p_t.to(do.dtype), do)
+            dp_t = tl.dot(v, tl.trans(do))
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q)
+            dt += tl.sum(ds_t, 1)
         return dk, dv, dt
 
     def _configs(name):  # tiles of the inner loop, warps, stages: tuned on first use per head dim
         return [triton.Config({name: size}, num_warps=w, num_stages=st)
-                for size in (32, 64) for w in (4, 8) for st in (1, 2)]
+                for size in (32, 64) for w in (4, 8) for st in (1, 2, 3)]
 
     @triton.autotune(configs=_configs("BLOCK_M"), key=["D", "GROUP"], reset_to_zero=["DT"])
     @triton.jit
@@ -174,19 +175,19 @@ if triton is not None:
     def _dq_cols(q, do, lse, delta, k_base, v_base, t_base, skn, svn, stn, offs_m, offs_d, n, scale,
                  num_ptr, idx_ptr, s_idx, dq,
                  CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
-        # the key blocks listed at idx_ptr (num_ptr of them), BLOCK_N keys at a time
-        for j in range(0, tl.load(num_ptr)):
-            start = tl.load(idx_ptr + j * s_idx) * BLOCK
-            for nn in range(0, BLOCK // BLOCK_N):
-                offs_n = start + nn * BLOCK_N + tl.arange(0, BLOCK_N)
-                cols = offs_n < n
-                k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=cols[:, None], other=0.0)
-                v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=cols[:, None], other=0.0)
-                t = tl.load(t_base + offs_n * stn, mask=cols, other=0.0).to(tl.float32)
-                p = _probabilities(q, k, t, lse, offs_m, offs_n, n, scale, CAUSAL)
-                dp = tl.dot(do, tl.trans(v))
-                ds = p * (dp - delta[:, None])
-                dq += tl.dot(ds.to(k.dtype), k)
+        # the key blocks listed at idx_ptr (num_ptr of them), BLOCK_N keys at a time, in one flat loop
+        per_block: tl.constexpr = BLOCK // BLOCK_N
+        for it in range(0, tl.load(num_ptr) * per_block):
+            start = tl.load(idx_ptr + (it // per_block) * s_idx) * BLOCK + (it % per_block) * BLOCK_N
+            offs_n = start + tl.arange(0, BLOCK_N)
+            cols = offs_n < n
+            k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=cols[:, None], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=cols[:, None], other=0.0)
+            t = tl.load(t_base + offs_n * stn, mask=cols, other=0.0).to(tl.float32)
+            p = _probabilities(q, k, t, lse, offs_m, offs_n, n, scale, CAUSAL)
+            dp = tl.dot(do, tl.trans(v))
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k)
         return dq
 
     @triton.autotune(configs=_configs("BLOCK_N"), key=["D", "GROUP"])
