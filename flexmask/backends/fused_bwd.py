@@ -1,5 +1,5 @@
 """A fused backward for block-sparse attention with a per-key bias (Triton, CUDA): ``dq``, ``dk``,
-``dv`` and the bias gradient ``dt`` in two kernels, with no extra pass for ``dt``.
+``dv`` and the bias gradient ``dt`` in one kernel, with no extra pass for ``dt``.
 
 FlexAttention's backward can give a captured bias its gradient only through one atomic add per
 score; the closed form (:mod:`.key_bias`) needs a second pass over the scores. Here the bias
@@ -18,12 +18,12 @@ from __future__ import annotations
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
-from .key_mass import BLOCK, kernels_apply, triton
+from .key_mass import BLOCK, LOG2E, kernels_apply, triton
 
 if triton is not None:
     import triton.language as tl
 
-    from .key_mass import _probabilities, _row_terms
+    from .key_mass import _LOG2E, _probabilities, _row_terms
 
 # Off until measured on a GPU (see the module docstring).
 ENABLED = False
@@ -52,7 +52,7 @@ def backward(
     B, hq, n, d = q.shape
     hkv, hs = k.shape[1], t.shape[1]
     delta = torch.mul(grad_out, out).sum(-1, dtype=torch.float32).contiguous()
-    lse = lse.float().contiguous()
+    lse = (lse.float() * LOG2E).contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dt = torch.zeros(t.shape, device=q.device, dtype=torch.float32)
     bm = block_mask
@@ -61,24 +61,18 @@ def backward(
     else:  # no full blocks: empty lists
         kv_full = (torch.zeros_like(bm.kv_num_blocks), bm.kv_indices)
         q_full = (torch.zeros_like(bm.q_num_blocks), bm.q_indices)
-    common = dict(T_BATCH=t.shape[0] > 1, T_HEADS=hs > 1, BM_BATCH=bm.kv_num_blocks.shape[0] > 1,
-                  BM_HEADS=bm.kv_num_blocks.shape[1] > 1, D=d, BLOCK=BLOCK)
+    lists = (bm.q_num_blocks, bm.q_indices, *q_full, bm.kv_num_blocks, bm.kv_indices, *kv_full)
     nb = -(-n // BLOCK)
-    _dkdv_kernel[(nb, B * hkv)](
-        q, k, v, grad_out, lse, delta, t, dk, dv, dt,
-        bm.q_num_blocks, bm.q_indices, *q_full,
+    group = hq // hkv
+    # one launch: per KV head, nb programs for dK/dV/dt (one key block each), then group·nb programs
+    # for dQ (one query block each), so the dQ work fills the gaps the unevenly loaded key blocks leave
+    _backward_kernel[(nb * (1 + group), B * hkv)](
+        q, k, v, grad_out, lse, delta, t, dq, dk, dv, dt, *lists,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *t.stride(), *dt.stride(),
-        *bm.q_num_blocks.stride(), *bm.q_indices.stride(), *q_full[0].stride(), *q_full[1].stride(),
-        scale, n, hq, hkv, hq // hkv, hkv // hs if hs > 1 else 1,
-        **common,
-    )
-    _dq_kernel[(nb, B * hq)](
-        q, k, v, grad_out, lse, delta, t, dq,
-        bm.kv_num_blocks, bm.kv_indices, *kv_full,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *t.stride(),
-        *bm.kv_num_blocks.stride(), *bm.kv_indices.stride(), *kv_full[0].stride(), *kv_full[1].stride(),
-        scale, n, hq, hq // hkv, hq // hs,
-        **common,
+        *(stride for x in lists for stride in x.stride()),
+        scale * LOG2E, scale, n, nb, hq, hkv, group, hkv // hs if hs > 1 else 1, hq // hs,
+        T_BATCH=t.shape[0] > 1, T_HEADS=hs > 1, BM_BATCH=bm.kv_num_blocks.shape[0] > 1,
+        BM_HEADS=bm.kv_num_blocks.shape[1] > 1, D=d, BLOCK=BLOCK, EVEN=n % BLOCK == 0,
     )
     return dq, dk, dv, dt
 
@@ -86,9 +80,9 @@ def backward(
 if triton is not None:
 
     @triton.jit
-    def _dkdv_rows(q_base, do_base, LSE, DELTA, row0, sqn, sdon, k, v, t, offs_n, offs_d, n, scale,
+    def _dkdv_rows(q_base, do_base, LSE, DELTA, row0, sqn, sdon, k, v, t, offs_n, offs_d, n, scale2,
                    num_ptr, idx_ptr, s_idx, dk, dv, dt,
-                   CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr):
+                   CAUSAL: tl.constexpr, EVEN: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr):
         # the query blocks listed at idx_ptr (num_ptr of them), BLOCK_M rows at a time, in one flat
         # loop (Triton pipelines the innermost loop only)
         per_block: tl.constexpr = BLOCK // BLOCK_M
@@ -96,14 +90,17 @@ if triton is not None:
             start = tl.load(idx_ptr + (it // per_block) * s_idx) * BLOCK + (it % per_block) * BLOCK_M
             offs_m = start + tl.arange(0, BLOCK_M)
             rows = offs_m < n
-            q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :], mask=rows[:, None], other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * sdon + offs_d[None, :], mask=rows[:, None], other=0.0)
+            if EVEN:
+                q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :])
+                do = tl.load(do_base + offs_m[:, None] * sdon + offs_d[None, :])
+            else:
+                q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :], mask=rows[:, None], other=0.0)
+                do = tl.load(do_base + offs_m[:, None] * sdon + offs_d[None, :], mask=rows[:, None], other=0.0)
             lse, delta = _row_terms(LSE, DELTA, row0, offs_m, rows)
-            s_t = tl.dot(k, tl.trans(q)) * scale + t[:, None]  # [BLOCK, BLOCK_M]: keys x queries
-            keep = (offs_n[:, None] < n) & rows[None, :]
+            # keys x queries; padded rows have lse = +inf, so P = 0 there
+            p_t = tl.exp2(tl.dot(k, tl.trans(q)) * scale2 + t[:, None] - lse[None, :])
             if CAUSAL:
-                keep = keep & (offs_n[:, None] <= offs_m[None, :])
-            p_t = tl.where(keep, tl.exp(s_t - lse[None, :]), 0.0)
+                p_t = tl.where(offs_n[:, None] <= offs_m[None, :], p_t, 0.0)
             dv += tl.dot(p_t.to(do.dtype), do)
             dp_t = tl.dot(v, tl.trans(do))
             ds_t = p_t * (dp_t - delta[None, :])
@@ -111,33 +108,44 @@ if triton is not None:
             dt += tl.sum(ds_t, 1)
         return dk, dv, dt
 
-    def _configs(name):  # tiles of the inner loop, warps, stages: tuned on first use per head dim
-        return [triton.Config({name: size}, num_warps=w, num_stages=st)
-                for size in (32, 64) for w in (4, 8) for st in (1, 2, 3)]
-
-    @triton.autotune(configs=_configs("BLOCK_M"), key=["D", "GROUP"], reset_to_zero=["DT"])
     @triton.jit
-    def _dkdv_kernel(
-        Q, K, V, DO, LSE, DELTA, T, DK, DV, DT,
-        Q_NUM, Q_IDX, FULLQ_NUM, FULLQ_IDX,
-        sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
-        stb, sth, stn, sdtb, sdth, sdtn,
-        snb, snh, snk, sib, sih, sik, siq, sfb, sfh, sfk, sjb, sjh, sjk, sjq,
-        scale, n, hq, hkv, GROUP, GROUP_T,
-        T_BATCH: tl.constexpr, T_HEADS: tl.constexpr, BM_BATCH: tl.constexpr, BM_HEADS: tl.constexpr,
-        D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-    ):
-        kb = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // hkv
-        hk = bh % hkv
+    def _dq_cols(q, do, lse, delta, k_base, v_base, t_base, skn, svn, stn, offs_m, offs_d, n, scale2,
+                 num_ptr, idx_ptr, s_idx, dq,
+                 CAUSAL: tl.constexpr, EVEN: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+        # the key blocks listed at idx_ptr (num_ptr of them), BLOCK_N keys at a time, in one flat loop
+        per_block: tl.constexpr = BLOCK // BLOCK_N
+        for it in range(0, tl.load(num_ptr) * per_block):
+            start = tl.load(idx_ptr + (it // per_block) * s_idx) * BLOCK + (it % per_block) * BLOCK_N
+            offs_n = start + tl.arange(0, BLOCK_N)
+            cols = offs_n < n
+            if EVEN:
+                k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :])
+                v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :])
+                t = tl.load(t_base + offs_n * stn).to(tl.float32) * _LOG2E
+            else:
+                k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=cols[:, None], other=0.0)
+                v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=cols[:, None], other=0.0)
+                t = tl.load(t_base + offs_n * stn, mask=cols, other=0.0).to(tl.float32) * _LOG2E
+            p = _probabilities(q, k, t, lse, offs_m, offs_n, n, scale2, CAUSAL, EVEN)
+            dp = tl.dot(do, tl.trans(v))
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k)
+        return dq
+
+    @triton.jit
+    def _dkdv_program(Q, K, V, DO, LSE, DELTA, T, DK, DV, DT, Q_NUM, Q_IDX, FULLQ_NUM, FULLQ_IDX,
+                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, stb, sth, stn,
+                      sdtb, sdth, sdtn, snb, snh, snk, sib, sih, sik, siq, sfb, sfh, sfk, sjb, sjh, sjk, sjq,
+                      scale2, scale, n, kb, b, hk, hq, GROUP, GROUP_T,
+                      T_BATCH: tl.constexpr, T_HEADS: tl.constexpr, BM_BATCH: tl.constexpr,
+                      BM_HEADS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+                      EVEN: tl.constexpr):
+        # one key block of one KV head: dK, dV and the bias gradient over every query that reads it
         offs_n = kb * BLOCK + tl.arange(0, BLOCK)
         offs_d = tl.arange(0, D)
         cols = offs_n < n
-        k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=cols[:, None],
-                    other=0.0)
-        v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=cols[:, None],
-                    other=0.0)
+        k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :], mask=cols[:, None], other=0.0)
+        v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :], mask=cols[:, None], other=0.0)
         t_base = T
         dt_base = DT
         if T_BATCH:
@@ -146,7 +154,7 @@ if triton is not None:
         if T_HEADS:
             t_base += (hk // GROUP_T) * sth
             dt_base += (hk // GROUP_T) * sdth
-        t = tl.load(t_base + offs_n * stn, mask=cols, other=0.0).to(tl.float32)
+        t = tl.load(t_base + offs_n * stn, mask=cols, other=0.0).to(tl.float32) * _LOG2E
         dk = tl.zeros([BLOCK, D], dtype=tl.float32)
         dv = tl.zeros([BLOCK, D], dtype=tl.float32)
         dt = tl.zeros([BLOCK], dtype=tl.float32)
@@ -158,77 +166,87 @@ if triton is not None:
             do_base = DO + b * sob + h * soh
             row0 = (b * hq + h) * n
             dk, dv, dt = _dkdv_rows(q_base, do_base, LSE, DELTA, row0, sqn, son, k, v, t, offs_n, offs_d,
-                                    n, scale, FULLQ_NUM + bm_b * sfb + bm_h * sfh + kb * sfk,
+                                    n, scale2, FULLQ_NUM + bm_b * sfb + bm_h * sfh + kb * sfk,
                                     FULLQ_IDX + bm_b * sjb + bm_h * sjh + kb * sjk, sjq, dk, dv, dt,
-                                    CAUSAL=False, BLOCK=BLOCK, BLOCK_M=BLOCK_M)
+                                    CAUSAL=False, EVEN=EVEN, BLOCK=BLOCK, BLOCK_M=BLOCK_M)
             dk, dv, dt = _dkdv_rows(q_base, do_base, LSE, DELTA, row0, sqn, son, k, v, t, offs_n, offs_d,
-                                    n, scale, Q_NUM + bm_b * snb + bm_h * snh + kb * snk,
+                                    n, scale2, Q_NUM + bm_b * snb + bm_h * snh + kb * snk,
                                     Q_IDX + bm_b * sib + bm_h * sih + kb * sik, siq, dk, dv, dt,
-                                    CAUSAL=True, BLOCK=BLOCK, BLOCK_M=BLOCK_M)
-        out = offs_n[:, None] * skn + offs_d[None, :] * skd
-        tl.store(DK + b * skb + hk * skh + out, (dk * scale).to(DK.dtype.element_ty), mask=cols[:, None])
-        tl.store(DV + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                                    CAUSAL=True, EVEN=EVEN, BLOCK=BLOCK, BLOCK_M=BLOCK_M)
+        tl.store(DK + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :],
+                 (dk * scale).to(DK.dtype.element_ty), mask=cols[:, None])
+        tl.store(DV + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :],
                  dv.to(DV.dtype.element_ty), mask=cols[:, None])
         tl.atomic_add(dt_base + offs_n * sdtn, dt, mask=cols)  # heads/batch sharing one bias row add up
 
     @triton.jit
-    def _dq_cols(q, do, lse, delta, k_base, v_base, t_base, skn, svn, stn, offs_m, offs_d, n, scale,
-                 num_ptr, idx_ptr, s_idx, dq,
-                 CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
-        # the key blocks listed at idx_ptr (num_ptr of them), BLOCK_N keys at a time, in one flat loop
-        per_block: tl.constexpr = BLOCK // BLOCK_N
-        for it in range(0, tl.load(num_ptr) * per_block):
-            start = tl.load(idx_ptr + (it // per_block) * s_idx) * BLOCK + (it % per_block) * BLOCK_N
-            offs_n = start + tl.arange(0, BLOCK_N)
-            cols = offs_n < n
-            k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=cols[:, None], other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=cols[:, None], other=0.0)
-            t = tl.load(t_base + offs_n * stn, mask=cols, other=0.0).to(tl.float32)
-            p = _probabilities(q, k, t, lse, offs_m, offs_n, n, scale, CAUSAL)
-            dp = tl.dot(do, tl.trans(v))
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k)
-        return dq
-
-    @triton.autotune(configs=_configs("BLOCK_N"), key=["D", "GROUP"])
-    @triton.jit
-    def _dq_kernel(
-        Q, K, V, DO, LSE, DELTA, T, DQ,
-        KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
-        sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
-        stb, sth, stn,
-        snb, snh, snq, sib, sih, siq, sik, sfb, sfh, sfq, sjb, sjh, sjq, sjk,
-        scale, n, hq, GROUP, GROUP_T,
-        T_BATCH: tl.constexpr, T_HEADS: tl.constexpr, BM_BATCH: tl.constexpr, BM_HEADS: tl.constexpr,
-        D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-    ):
-        qb = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // hq
-        h = bh % hq
+    def _dq_program(Q, K, V, DO, LSE, DELTA, T, DQ, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
+                    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, stb, sth, stn,
+                    snb, snh, snq, sib, sih, siq, sik, sfb, sfh, sfq, sjb, sjh, sjq, sjk,
+                    scale2, scale, n, qb, b, h, hq, GROUP, GROUP_TQ,
+                    T_BATCH: tl.constexpr, T_HEADS: tl.constexpr, BM_BATCH: tl.constexpr,
+                    BM_HEADS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+                    EVEN: tl.constexpr):
+        # one query block of one query head: dQ over the key blocks it reads
         offs_m = qb * BLOCK + tl.arange(0, BLOCK)
         offs_d = tl.arange(0, D)
         rows = offs_m < n
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=rows[:, None],
-                    other=0.0)
-        do = tl.load(DO + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, mask=rows[:, None],
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=rows[:, None], other=0.0)
+        do = tl.load(DO + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], mask=rows[:, None],
                      other=0.0)
-        lse, delta = _row_terms(LSE, DELTA, bh * n, offs_m, rows)
+        lse, delta = _row_terms(LSE, DELTA, (b * hq + h) * n, offs_m, rows)
         k_base = K + b * skb + (h // GROUP) * skh
         v_base = V + b * svb + (h // GROUP) * svh
         t_base = T
         if T_BATCH:
             t_base += b * stb
         if T_HEADS:
-            t_base += (h // GROUP_T) * sth
+            t_base += (h // GROUP_TQ) * sth
         bm_b = b if BM_BATCH else 0
         bm_h = h if BM_HEADS else 0
         dq = tl.zeros([BLOCK, D], dtype=tl.float32)
-        dq = _dq_cols(q, do, lse, delta, k_base, v_base, t_base, skn, svn, stn, offs_m, offs_d, n, scale,
+        dq = _dq_cols(q, do, lse, delta, k_base, v_base, t_base, skn, svn, stn, offs_m, offs_d, n, scale2,
                       FULL_NUM + bm_b * sfb + bm_h * sfh + qb * sfq, FULL_IDX + bm_b * sjb + bm_h * sjh + qb * sjq,
-                      sjk, dq, CAUSAL=False, BLOCK=BLOCK, BLOCK_N=BLOCK_N)
-        dq = _dq_cols(q, do, lse, delta, k_base, v_base, t_base, skn, svn, stn, offs_m, offs_d, n, scale,
+                      sjk, dq, CAUSAL=False, EVEN=EVEN, BLOCK=BLOCK, BLOCK_N=BLOCK_N)
+        dq = _dq_cols(q, do, lse, delta, k_base, v_base, t_base, skn, svn, stn, offs_m, offs_d, n, scale2,
                       KV_NUM + bm_b * snb + bm_h * snh + qb * snq, KV_IDX + bm_b * sib + bm_h * sih + qb * siq,
-                      sik, dq, CAUSAL=True, BLOCK=BLOCK, BLOCK_N=BLOCK_N)
-        tl.store(DQ + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+                      sik, dq, CAUSAL=True, EVEN=EVEN, BLOCK=BLOCK, BLOCK_N=BLOCK_N)
+        tl.store(DQ + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
                  (dq * scale).to(DQ.dtype.element_ty), mask=rows[:, None])
+
+    @triton.autotune(
+        configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": m}, num_warps=w, num_stages=st)
+                 for m in (32, 64) for w in (4, 8) for st in (2, 3)],
+        key=["D", "GROUP"],
+        reset_to_zero=["DT"],
+    )
+    @triton.jit
+    def _backward_kernel(
+        Q, K, V, DO, LSE, DELTA, T, DQ, DK, DV, DT,
+        Q_NUM, Q_IDX, FULLQ_NUM, FULLQ_IDX, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
+        sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+        stb, sth, stn, sdtb, sdth, sdtn,
+        s1b, s1h, s1k, s2b, s2h, s2k, s2q, s3b, s3h, s3k, s4b, s4h, s4k, s4q,
+        s5b, s5h, s5q, s6b, s6h, s6q, s6k, s7b, s7h, s7q, s8b, s8h, s8q, s8k,
+        scale2, scale, n, nb, hq, hkv, GROUP, GROUP_T, GROUP_TQ,
+        T_BATCH: tl.constexpr, T_HEADS: tl.constexpr, BM_BATCH: tl.constexpr, BM_HEADS: tl.constexpr,
+        D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN: tl.constexpr,
+    ):
+        # the last dimension of every tensor is contiguous (the wrapper makes it so)
+        pid = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // hkv
+        hk = bh % hkv
+        if pid < nb:
+            _dkdv_program(Q, K, V, DO, LSE, DELTA, T, DK, DV, DT, Q_NUM, Q_IDX, FULLQ_NUM, FULLQ_IDX,
+                          sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, stb, sth, stn,
+                          sdtb, sdth, sdtn, s1b, s1h, s1k, s2b, s2h, s2k, s2q, s3b, s3h, s3k, s4b, s4h, s4k, s4q,
+                          scale2, scale, n, pid, b, hk, hq, GROUP, GROUP_T,
+                          T_BATCH, T_HEADS, BM_BATCH, BM_HEADS, D, BLOCK, BLOCK_M, EVEN)
+        else:
+            rest = pid - nb
+            _dq_program(Q, K, V, DO, LSE, DELTA, T, DQ, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
+                        sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, stb, sth, stn,
+                        s5b, s5h, s5q, s6b, s6h, s6q, s6k, s7b, s7h, s7q, s8b, s8h, s8q, s8k,
+                        scale2, scale, n, rest % nb, b, hk * GROUP + rest // nb, hq, GROUP, GROUP_TQ,
+                        T_BATCH, T_HEADS, BM_BATCH, BM_HEADS, D, BLOCK, BLOCK_N, EVEN)

@@ -24,6 +24,7 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 BLOCK = 128
+LOG2E = 1.4426950408889634  # the kernels work in base 2: P = exp2(scale·log2(e)·q·k + t·log2(e) − lse·log2(e))
 
 # Set to False to compute the sum with the transposed flex pass instead.
 ENABLED = True
@@ -69,7 +70,8 @@ def key_mass(
     if full_num is None:
         full_num, full_idx = torch.zeros_like(kv_num), kv_idx
     mass = torch.zeros(B, hq, n, device=q.device, dtype=torch.float32)
-    lse, delta = lse.float().contiguous(), delta.float().contiguous()
+    lse, delta = (lse.float() * LOG2E).contiguous(), delta.float().contiguous()
+
     def grid(meta):
         return (-(-n // meta["BLOCK_M"]), B * hq)
 
@@ -78,42 +80,49 @@ def key_mass(
         kv_num, kv_idx, full_num, full_idx,
         *q.stride(), *k.stride(), *t.stride(),
         *kv_num.stride(), *kv_idx.stride(), *full_num.stride(), *full_idx.stride(),
-        scale, n, hq,
+        scale * LOG2E, n, hq,
         hq // hkv, hq // hs,
         t.shape[0] > 1, hs > 1, kv_num.shape[0] > 1, kv_num.shape[1] > 1,
-        BLOCK_N=BLOCK, D=d,
+        BLOCK_N=BLOCK, D=d, EVEN=n % BLOCK == 0,
     )
     return mass
 
 
 if triton is not None:
 
+    _LOG2E = tl.constexpr(LOG2E)
+
     @triton.jit
     def _row_terms(LSE, DELTA, row0, offs_m, rows):
-        # lse and Δ of some query rows; rows past the end or with no key get lse = +inf (P = 0)
+        # lse (base 2) and Δ of some query rows; rows past the end or with no key get lse = +inf (P = 0)
         lse = tl.load(LSE + row0 + offs_m, mask=rows, other=float("inf"))
         lse = tl.where(lse == float("-inf"), float("inf"), lse)
         return lse, tl.load(DELTA + row0 + offs_m, mask=rows, other=0.0)
 
     @triton.jit
-    def _probabilities(q, k, t, lse, offs_m, offs_n, n, scale, CAUSAL: tl.constexpr):
-        # P = exp(scale · q kᵀ + t − lse) of a tile, 0 for keys past the end (and after the query if CAUSAL)
-        s = tl.dot(q, tl.trans(k)) * scale + t[None, :]
-        keep = (offs_n < n)[None, :]
+    def _probabilities(q, k, t, lse, offs_m, offs_n, n, scale, CAUSAL: tl.constexpr, EVEN: tl.constexpr):
+        # P = exp2(scale · q kᵀ + t − lse) of a tile (scale, t, lse in base 2), 0 for keys past the
+        # end (unless EVEN: n is a multiple of the block) and after the query if CAUSAL
+        s = tl.dot(q, tl.trans(k)) * scale + t[None, :] - lse[:, None]
         if CAUSAL:
-            keep = keep & (offs_n[None, :] <= offs_m[:, None])
-        return tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
+            keep = offs_n[None, :] <= offs_m[:, None]
+            if not EVEN:
+                keep = keep & (offs_n < n)[None, :]
+            return tl.where(keep, tl.exp2(s), 0.0)
+        if EVEN:
+            return tl.exp2(s)
+        return tl.where((offs_n < n)[None, :], tl.exp2(s), 0.0)
 
     @triton.jit
     def _row(acc_base, q, k_ptrs, skn, t_base, stn, lse, delta, offs_m, n, scale, num_ptr, idx_ptr, s_idx,
-             CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+             CAUSAL: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr):
         # add the column sums of P·Δ over the key blocks listed at idx_ptr (num_ptr of them)
         for j in range(0, tl.load(num_ptr)):
             offs_n = tl.load(idx_ptr + j * s_idx) * BLOCK_N + tl.arange(0, BLOCK_N)
             in_range = offs_n < n
             k = tl.load(k_ptrs + offs_n[:, None] * skn, mask=in_range[:, None], other=0.0)
-            t = tl.load(t_base + offs_n * stn, mask=in_range, other=0.0).to(tl.float32)
-            p = _probabilities(q, k, t, lse, offs_m, offs_n, n, scale, CAUSAL)
+            t = tl.load(t_base + offs_n * stn, mask=in_range, other=0.0).to(tl.float32) * _LOG2E
+            p = _probabilities(q, k, t, lse, offs_m, offs_n, n, scale, CAUSAL, EVEN)
             tl.atomic_add(acc_base + offs_n, tl.sum(p * delta[:, None], 0), mask=in_range)
 
     @triton.autotune(
@@ -133,7 +142,7 @@ if triton is not None:
         scale, n, hq,
         GROUP_KV, GROUP_T,
         T_BATCH: tl.constexpr, T_HEADS: tl.constexpr, BM_BATCH: tl.constexpr, BM_HEADS: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, EVEN: tl.constexpr,
     ):
         pid = tl.program_id(0)
         qb = pid * BLOCK_M // BLOCK_N  # the BlockMask row (query block of BLOCK_N) of this tile
@@ -159,7 +168,7 @@ if triton is not None:
         # full blocks (no mask), then partial blocks (causal)
         _row(acc_base, q, k_ptrs, skn, t_base, stn, lse, delta, offs_m, n, scale,
              FULL_NUM + bm_b * sfb + bm_h * sfh + qb * sfq, FULL_IDX + bm_b * sjb + bm_h * sjh + qb * sjq, sjk,
-             CAUSAL=False, BLOCK_N=BLOCK_N)
+             CAUSAL=False, EVEN=EVEN, BLOCK_N=BLOCK_N)
         _row(acc_base, q, k_ptrs, skn, t_base, stn, lse, delta, offs_m, n, scale,
              KV_NUM + bm_b * snb + bm_h * snh + qb * snq, KV_IDX + bm_b * sib + bm_h * sih + qb * siq, sik,
-             CAUSAL=True, BLOCK_N=BLOCK_N)
+             CAUSAL=True, EVEN=EVEN, BLOCK_N=BLOCK_N)
