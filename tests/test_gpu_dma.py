@@ -194,12 +194,16 @@ def test_query_side_key_mass_matches_float64_and_the_transposed_pass(monkeypatch
         assert rel_err(a, b) < 1e-2
 
 
-def test_fused_backward_matches_float64(monkeypatch):
-    """The fused Triton backward for block DMA (backends/fused_bwd.py, off by default): dq, dk, dv
-    and the key-bias gradient vs float64 autograd, GQA, a bias shared over the batch."""
+@pytest.mark.parametrize("split", [False, True], ids=["one-program-per-key-block", "split-lists"])
+def test_fused_backward_matches_float64(monkeypatch, split):
+    """The fused Triton backward for block DMA (backends/fused_bwd.py): dq, dk, dv and the key-bias
+    gradient vs float64 autograd, GQA, a bias shared over the batch; with each key block's list in
+    one program, and split over programs of one entry (float32 atomics)."""
     from flexmask.backends import fused_bwd
 
     monkeypatch.setattr(fused_bwd, "ENABLED", True)
+    monkeypatch.setattr(fused_bwd, "SPLIT_BELOW", 10**6 if split else 0)
+    monkeypatch.setattr(fused_bwd, "CHUNK", 1 if split else 16)
     torch.manual_seed(9)
     B, Hq, Hkv, n, D = 2, 4, 2, 1000, 64
     q = torch.randn(B, Hq, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)

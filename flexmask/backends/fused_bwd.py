@@ -25,8 +25,12 @@ if triton is not None:
 
     from .key_mass import _LOG2E, _probabilities, _row_terms
 
-# Off until measured on a GPU (see the module docstring).
-ENABLED = False
+# Set to False to use flex's backward plus the closed form of :mod:`.key_bias` instead.
+ENABLED = True
+# Split the key blocks' lists over programs of CHUNK entries when the grid has fewer than
+# SPLIT_BELOW key-block programs per streaming multiprocessor.
+SPLIT_BELOW = 4
+CHUNK = 16
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, block_mask: BlockMask | None) -> bool:
@@ -53,7 +57,7 @@ def backward(
     hkv, hs = k.shape[1], t.shape[1]
     delta = torch.mul(grad_out, out).sum(-1, dtype=torch.float32).contiguous()
     lse = (lse.float() * LOG2E).contiguous()
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq = torch.empty_like(q)
     dt = torch.zeros(t.shape, device=q.device, dtype=torch.float32)
     bm = block_mask
     if bm.full_kv_num_blocks is not None:
@@ -64,16 +68,30 @@ def backward(
     lists = (bm.q_num_blocks, bm.q_indices, *q_full, bm.kv_num_blocks, bm.kv_indices, *kv_full)
     nb = -(-n // BLOCK)
     group = hq // hkv
-    # one launch: per KV head, nb programs for dK/dV/dt (one key block each), then group·nb programs
-    # for dQ (one query block each), so the dQ work fills the gaps the unevenly loaded key blocks leave
-    _backward_kernel[(nb * (1 + group), B * hkv)](
+    # A key block is read by every query block that selected it: with few KV heads the most-read
+    # blocks outlast the rest of the grid. Then (SPLIT) each program takes CHUNK entries of one
+    # head's list and adds into float32 outputs.
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+    split = B * hkv * nb < SPLIT_BELOW * sms
+    if split:
+        dk, dv = torch.zeros_like(k, dtype=torch.float32), torch.zeros_like(v, dtype=torch.float32)
+        n_dkdv = nb * group * -(-nb // CHUNK)
+    else:
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        n_dkdv = nb
+    # one launch: per KV head, the programs for dK/dV/dt (per key block), then group·nb programs for
+    # dQ (per query block), so the dQ work fills the gaps the unevenly loaded key blocks leave
+    _backward_kernel[(n_dkdv + nb * group, B * hkv)](
         q, k, v, grad_out, lse, delta, t, dq, dk, dv, dt, *lists,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *t.stride(), *dt.stride(),
+        *dq.stride(), *dk.stride(), *dv.stride(),
         *(stride for x in lists for stride in x.stride()),
-        scale * LOG2E, scale, n, nb, hq, hkv, group, hkv // hs if hs > 1 else 1, hq // hs,
+        scale * LOG2E, scale, n, nb, n_dkdv, hq, hkv, group, hkv // hs if hs > 1 else 1, hq // hs,
         T_BATCH=t.shape[0] > 1, T_HEADS=hs > 1, BM_BATCH=bm.kv_num_blocks.shape[0] > 1,
-        BM_HEADS=bm.kv_num_blocks.shape[1] > 1, D=d, BLOCK=BLOCK, EVEN=n % BLOCK == 0,
+        BM_HEADS=bm.kv_num_blocks.shape[1] > 1, D=d, BLOCK=BLOCK, EVEN=n % BLOCK == 0, SPLIT=split, CHUNK=CHUNK,
     )
+    if split:
+        dk, dv = dk.to(k.dtype), dv.to(v.dtype)
     return dq, dk, dv, dt
 
 
@@ -81,12 +99,12 @@ if triton is not None:
 
     @triton.jit
     def _dkdv_rows(q_base, do_base, LSE, DELTA, row0, sqn, sdon, k, v, t, offs_n, offs_d, n, scale2,
-                   num_ptr, idx_ptr, s_idx, dk, dv, dt,
+                   lo, hi, idx_ptr, s_idx, dk, dv, dt,
                    CAUSAL: tl.constexpr, EVEN: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr):
-        # the query blocks listed at idx_ptr (num_ptr of them), BLOCK_M rows at a time, in one flat
-        # loop (Triton pipelines the innermost loop only)
+        # the query blocks idx_ptr[lo:hi], BLOCK_M rows at a time, in one flat loop (Triton
+        # pipelines the innermost loop only)
         per_block: tl.constexpr = BLOCK // BLOCK_M
-        for it in range(0, tl.load(num_ptr) * per_block):
+        for it in range(lo * per_block, hi * per_block):
             start = tl.load(idx_ptr + (it // per_block) * s_idx) * BLOCK + (it % per_block) * BLOCK_M
             offs_m = start + tl.arange(0, BLOCK_M)
             rows = offs_m < n
@@ -135,53 +153,77 @@ if triton is not None:
     @triton.jit
     def _dkdv_program(Q, K, V, DO, LSE, DELTA, T, DK, DV, DT, Q_NUM, Q_IDX, FULLQ_NUM, FULLQ_IDX,
                       sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, stb, sth, stn,
-                      sdtb, sdth, sdtn, snb, snh, snk, sib, sih, sik, siq, sfb, sfh, sfk, sjb, sjh, sjk, sjq,
-                      scale2, scale, n, kb, b, hk, hq, GROUP, GROUP_T,
+                      sdtb, sdth, sdtn, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
+                      snb, snh, snk, sib, sih, sik, siq, sfb, sfh, sfk, sjb, sjh, sjk, sjq,
+                      scale2, scale, n, kb, b, hk, g0, g1, part, hq, GROUP, GROUP_T,
                       T_BATCH: tl.constexpr, T_HEADS: tl.constexpr, BM_BATCH: tl.constexpr,
                       BM_HEADS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-                      EVEN: tl.constexpr):
-        # one key block of one KV head: dK, dV and the bias gradient over every query that reads it
+                      EVEN: tl.constexpr, SPLIT: tl.constexpr, CHUNK: tl.constexpr):
+        # one key block of one KV head: dK, dV and the bias gradient over the queries of heads
+        # g0..g1-1 of its group that read it; if SPLIT, only the part-th CHUNK of those (one head),
+        # added atomically to float32 outputs
         offs_n = kb * BLOCK + tl.arange(0, BLOCK)
         offs_d = tl.arange(0, D)
         cols = offs_n < n
-        k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :], mask=cols[:, None], other=0.0)
-        v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :], mask=cols[:, None], other=0.0)
-        t_base = T
-        dt_base = DT
-        if T_BATCH:
-            t_base += b * stb
-            dt_base += b * sdtb
-        if T_HEADS:
-            t_base += (hk // GROUP_T) * sth
-            dt_base += (hk // GROUP_T) * sdth
-        t = tl.load(t_base + offs_n * stn, mask=cols, other=0.0).to(tl.float32) * _LOG2E
-        dk = tl.zeros([BLOCK, D], dtype=tl.float32)
-        dv = tl.zeros([BLOCK, D], dtype=tl.float32)
-        dt = tl.zeros([BLOCK], dtype=tl.float32)
         bm_b = b if BM_BATCH else 0
-        for g in range(0, GROUP):
-            h = hk * GROUP + g
-            bm_h = h if BM_HEADS else 0
-            q_base = Q + b * sqb + h * sqh
-            do_base = DO + b * sob + h * soh
-            row0 = (b * hq + h) * n
-            dk, dv, dt = _dkdv_rows(q_base, do_base, LSE, DELTA, row0, sqn, son, k, v, t, offs_n, offs_d,
-                                    n, scale2, FULLQ_NUM + bm_b * sfb + bm_h * sfh + kb * sfk,
-                                    FULLQ_IDX + bm_b * sjb + bm_h * sjh + kb * sjk, sjq, dk, dv, dt,
-                                    CAUSAL=False, EVEN=EVEN, BLOCK=BLOCK, BLOCK_M=BLOCK_M)
-            dk, dv, dt = _dkdv_rows(q_base, do_base, LSE, DELTA, row0, sqn, son, k, v, t, offs_n, offs_d,
-                                    n, scale2, Q_NUM + bm_b * snb + bm_h * snh + kb * snk,
-                                    Q_IDX + bm_b * sib + bm_h * sih + kb * sik, siq, dk, dv, dt,
-                                    CAUSAL=True, EVEN=EVEN, BLOCK=BLOCK, BLOCK_M=BLOCK_M)
-        tl.store(DK + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :],
-                 (dk * scale).to(DK.dtype.element_ty), mask=cols[:, None])
-        tl.store(DV + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :],
-                 dv.to(DV.dtype.element_ty), mask=cols[:, None])
-        tl.atomic_add(dt_base + offs_n * sdtn, dt, mask=cols)  # heads/batch sharing one bias row add up
+        work = 1
+        if SPLIT:  # programs past the end of their head's list have nothing to do
+            bm_h0 = hk * GROUP + g0 if BM_HEADS else 0
+            listed = tl.load(FULLQ_NUM + bm_b * sfb + bm_h0 * sfh + kb * sfk) + tl.load(
+                Q_NUM + bm_b * snb + bm_h0 * snh + kb * snk)
+            work = listed > part * CHUNK
+        if work:
+            k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :], mask=cols[:, None],
+                        other=0.0)
+            v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :], mask=cols[:, None],
+                        other=0.0)
+            t_base = T
+            dt_base = DT
+            if T_BATCH:
+                t_base += b * stb
+                dt_base += b * sdtb
+            if T_HEADS:
+                t_base += (hk // GROUP_T) * sth
+                dt_base += (hk // GROUP_T) * sdth
+            t = tl.load(t_base + offs_n * stn, mask=cols, other=0.0).to(tl.float32) * _LOG2E
+            dk = tl.zeros([BLOCK, D], dtype=tl.float32)
+            dv = tl.zeros([BLOCK, D], dtype=tl.float32)
+            dt = tl.zeros([BLOCK], dtype=tl.float32)
+            for g in range(g0, g1):
+                h = hk * GROUP + g
+                bm_h = h if BM_HEADS else 0
+                q_base = Q + b * sqb + h * sqh
+                do_base = DO + b * sob + h * soh
+                row0 = (b * hq + h) * n
+                n_full = tl.load(FULLQ_NUM + bm_b * sfb + bm_h * sfh + kb * sfk)
+                n_part = tl.load(Q_NUM + bm_b * snb + bm_h * snh + kb * snk)
+                if SPLIT:  # entries [lo, hi) of the full list followed by the partial one
+                    lo = part * CHUNK
+                    hi = lo + CHUNK
+                    full_lo, full_hi = tl.minimum(lo, n_full), tl.minimum(hi, n_full)
+                    part_lo = tl.minimum(tl.maximum(lo - n_full, 0), n_part)
+                    part_hi = tl.minimum(tl.maximum(hi - n_full, 0), n_part)
+                else:
+                    full_lo, full_hi, part_lo, part_hi = 0, n_full, 0, n_part
+                dk, dv, dt = _dkdv_rows(q_base, do_base, LSE, DELTA, row0, sqn, son, k, v, t, offs_n, offs_d,
+                                        n, scale2, full_lo, full_hi, FULLQ_IDX + bm_b * sjb + bm_h * sjh + kb * sjk,
+                                        sjq, dk, dv, dt, CAUSAL=False, EVEN=EVEN, BLOCK=BLOCK, BLOCK_M=BLOCK_M)
+                dk, dv, dt = _dkdv_rows(q_base, do_base, LSE, DELTA, row0, sqn, son, k, v, t, offs_n, offs_d,
+                                        n, scale2, part_lo, part_hi, Q_IDX + bm_b * sib + bm_h * sih + kb * sik,
+                                        siq, dk, dv, dt, CAUSAL=True, EVEN=EVEN, BLOCK=BLOCK, BLOCK_M=BLOCK_M)
+            dk_ptrs = DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :]
+            dv_ptrs = DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvn + offs_d[None, :]
+            if SPLIT:
+                tl.atomic_add(dk_ptrs, dk * scale, mask=cols[:, None])
+                tl.atomic_add(dv_ptrs, dv, mask=cols[:, None])
+            else:
+                tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=cols[:, None])
+                tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=cols[:, None])
+            tl.atomic_add(dt_base + offs_n * sdtn, dt, mask=cols)  # heads/batch sharing one bias row add up
 
     @triton.jit
     def _dq_program(Q, K, V, DO, LSE, DELTA, T, DQ, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
-                    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, stb, sth, stn,
+                    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, stb, sth, stn, sdqb, sdqh, sdqn,
                     snb, snh, snq, sib, sih, siq, sik, sfb, sfh, sfq, sjb, sjh, sjq, sjk,
                     scale2, scale, n, qb, b, h, hq, GROUP, GROUP_TQ,
                     T_BATCH: tl.constexpr, T_HEADS: tl.constexpr, BM_BATCH: tl.constexpr,
@@ -211,14 +253,14 @@ if triton is not None:
         dq = _dq_cols(q, do, lse, delta, k_base, v_base, t_base, skn, svn, stn, offs_m, offs_d, n, scale2,
                       KV_NUM + bm_b * snb + bm_h * snh + qb * snq, KV_IDX + bm_b * sib + bm_h * sih + qb * siq,
                       sik, dq, CAUSAL=True, EVEN=EVEN, BLOCK=BLOCK, BLOCK_N=BLOCK_N)
-        tl.store(DQ + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
+        tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqn + offs_d[None, :],
                  (dq * scale).to(DQ.dtype.element_ty), mask=rows[:, None])
 
     @triton.autotune(
         configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": m}, num_warps=w, num_stages=st)
                  for m in (32, 64) for w in (4, 8) for st in (2, 3)],
-        key=["D", "GROUP"],
-        reset_to_zero=["DT"],
+        key=["D", "GROUP", "SPLIT"],
+        reset_to_zero=["DT", "DK", "DV"],
     )
     @triton.jit
     def _backward_kernel(
@@ -226,27 +268,37 @@ if triton is not None:
         Q_NUM, Q_IDX, FULLQ_NUM, FULLQ_IDX, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
         stb, sth, stn, sdtb, sdth, sdtn,
+        sdqb, sdqh, sdqn, sdqd, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
         s1b, s1h, s1k, s2b, s2h, s2k, s2q, s3b, s3h, s3k, s4b, s4h, s4k, s4q,
         s5b, s5h, s5q, s6b, s6h, s6q, s6k, s7b, s7h, s7q, s8b, s8h, s8q, s8k,
-        scale2, scale, n, nb, hq, hkv, GROUP, GROUP_T, GROUP_TQ,
+        scale2, scale, n, nb, n_dkdv, hq, hkv, GROUP, GROUP_T, GROUP_TQ,
         T_BATCH: tl.constexpr, T_HEADS: tl.constexpr, BM_BATCH: tl.constexpr, BM_HEADS: tl.constexpr,
         D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN: tl.constexpr,
+        SPLIT: tl.constexpr, CHUNK: tl.constexpr,
     ):
         # the last dimension of every tensor is contiguous (the wrapper makes it so)
         pid = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // hkv
         hk = bh % hkv
-        if pid < nb:
+        if pid < n_dkdv:
+            if SPLIT:  # program (key block, head of the group, part of its list)
+                g0 = (pid // nb) % GROUP
+                g1 = g0 + 1
+                part = pid // nb // GROUP
+            else:
+                g0, g1, part = 0, GROUP, 0
             _dkdv_program(Q, K, V, DO, LSE, DELTA, T, DK, DV, DT, Q_NUM, Q_IDX, FULLQ_NUM, FULLQ_IDX,
                           sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, stb, sth, stn,
-                          sdtb, sdth, sdtn, s1b, s1h, s1k, s2b, s2h, s2k, s2q, s3b, s3h, s3k, s4b, s4h, s4k, s4q,
-                          scale2, scale, n, pid, b, hk, hq, GROUP, GROUP_T,
-                          T_BATCH, T_HEADS, BM_BATCH, BM_HEADS, D, BLOCK, BLOCK_M, EVEN)
+                          sdtb, sdth, sdtn, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
+                          s1b, s1h, s1k, s2b, s2h, s2k, s2q, s3b, s3h, s3k, s4b, s4h, s4k, s4q,
+                          scale2, scale, n, pid % nb, b, hk, g0, g1, part, hq, GROUP, GROUP_T,
+                          T_BATCH, T_HEADS, BM_BATCH, BM_HEADS, D, BLOCK, BLOCK_M, EVEN, SPLIT, CHUNK)
         else:
-            rest = pid - nb
+            rest = pid - n_dkdv
             _dq_program(Q, K, V, DO, LSE, DELTA, T, DQ, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
                         sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, stb, sth, stn,
+                        sdqb, sdqh, sdqn,
                         s5b, s5h, s5q, s6b, s6h, s6q, s6k, s7b, s7h, s7q, s8b, s8h, s8q, s8k,
                         scale2, scale, n, rest % nb, b, hk * GROUP + rest // nb, hq, GROUP, GROUP_TQ,
                         T_BATCH, T_HEADS, BM_BATCH, BM_HEADS, D, BLOCK, BLOCK_N, EVEN)
