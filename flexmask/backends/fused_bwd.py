@@ -30,7 +30,7 @@ ENABLED = True
 # Split the key blocks' lists over programs of CHUNK entries when the grid has fewer than
 # SPLIT_BELOW key-block programs per streaming multiprocessor.
 SPLIT_BELOW = 4
-CHUNK = 16
+CHUNK = 8
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, block_mask: BlockMask | None) -> bool:
