@@ -3,7 +3,8 @@
 Times SDPA causal, DMA token selection (through the key layout), the layout's construction, a
 training step with a fresh mask, and DMA block selection, for random and clustered scores; then,
 for random scores, where the backward goes: fwd+bwd without the score gradient, with flex's own
-(atomic) key-bias gradient and with flexmask's closed form (``flexmask.backends.key_bias``).
+(atomic) key-bias gradient, with flexmask's closed form (``flexmask.backends.key_bias``) and, for
+blocks, with the fused backward (``flexmask.backends.fused_bwd``, the default there).
 The H100 numbers quoted in docs/benchmarks.md under "development probes" came from this script;
 `python -m flexmask bench dma` is the full, side-by-side benchmark.
 
@@ -70,23 +71,22 @@ def probe(n: int) -> None:
 
 
 def backward_split(q, k, v, s, go) -> None:
-    """fwd+bwd of token and block DMA: no score gradient, flex's atomics, the closed form (and, for
-    blocks, the fused Triton backward)."""
+    """fwd+bwd of token and block DMA: flex's backward without the score gradient, with flex's atomics,
+    with the closed form; for blocks also the fused Triton backward."""
     n = q.shape[2]
     for name, mask in [("token", fm.topk(s.detach(), W)), ("block", fm.topk_blocks(s.detach(), W // 128))]:
         times = {}
+        fused_bwd.ENABLED = False  # the first three: flex's backward
         for label, scores, closed in [("no score grad", s.detach(), True), ("atomics", s, False),
                                       ("closed form", s, True)]:
             key_bias.ENABLED = closed
             inputs = (q, k, v, scores) if scores.requires_grad else (q, k, v)
             times[label] = bench(lambda m=mask, t=scores, i=inputs: torch.autograd.grad(
                 fm.attention(q, k, v, mask=m, bias=fm.key_bias(t)), i, go))
-        key_bias.ENABLED = True
-        if name == "block":  # the fused Triton backward (off by default until measured)
-            fused_bwd.ENABLED = True
+        key_bias.ENABLED = fused_bwd.ENABLED = True
+        if name == "block":  # the fused Triton backward (the default for block top-k)
             times["fused backward"] = bench(lambda m=mask: torch.autograd.grad(
                 fm.attention(q, k, v, mask=m, bias=fm.key_bias(s)), (q, k, v, s), go))
-            fused_bwd.ENABLED = False
         print(n, f"{name} fwd+bwd ms:", {key: round(t, 3) for key, t in times.items()}, flush=True)
 
 

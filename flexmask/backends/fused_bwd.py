@@ -3,14 +3,23 @@
 
 FlexAttention's backward can give a captured bias its gradient only through one atomic add per
 score; the closed form (:mod:`.key_bias`) needs a second pass over the scores. Here the bias
-gradient is a by-product of the ``dK``/``dV`` kernel: each program owns one key block, already has
+gradient is a by-product of the ``dK``/``dV`` programs: each owns one key block, already has
 ``dS`` for every query that reads it, and sums it over those queries (``dt_j = Σ_i dS_ij``), the
-way it sums ``dSᵀ q`` into ``dK``.
+way it sums ``dSᵀ q`` into ``dK``. The ``dQ`` programs (one per query block) run in the same
+launch, after the key-block programs of their KV head, so they fill the gaps that unevenly read
+key blocks leave. With few KV heads the grid is too small for that: the lists of the most-read
+key blocks (block top-k's best-ranked blocks are read by nearly every later query block) are then
+split over programs of :data:`CHUNK` entries that add into float32 outputs.
 
 Scope (what :func:`supported` checks): a ``BlockMask`` over blocks of 128 whose partial blocks are
 causal (``j <= i``: :func:`flexmask.topk_blocks`), self-attention, head dim a power of two in
-[16, 128], fp16/bf16. Off by default (:data:`ENABLED`) until it is measured on a GPU against flex's
-backward; the reference for its numbers is the float64 test in ``tests/test_gpu_dma.py``.
+[16, 128], fp16/bf16. The reference for its numbers is the float64 test in
+``tests/test_gpu_dma.py``.
+
+Measured on an H100 (bf16, D 128, 16 of 128 key blocks per query block, fwd+bwd with the bias
+gradient; ``docs/results/bench/fused-bwd-ab-4.txt``): Hq 16 / Hkv 8, N = 32k: 7.29 ms, against 8.05
+with flex's backward and the closed form, and 6.72 for flex's backward without the bias gradient;
+N = 64k: 15.4 vs 16.6 ms; Hq 2 / Hkv 1, N = 32k (split lists): 1.37 vs 2.30 ms.
 """
 
 from __future__ import annotations
