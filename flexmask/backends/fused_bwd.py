@@ -64,7 +64,7 @@ def backward(
     q, k, v, grad_out = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, grad_out))
     B, hq, n, d = q.shape
     hkv, hs = k.shape[1], t.shape[1]
-    delta = _delta(out, grad_out)
+    delta = torch.mul(grad_out, out).sum(-1, dtype=torch.float32).contiguous()
     lse = (lse.float() * LOG2E).contiguous()
     dq = torch.empty_like(q)
     dt = torch.zeros(t.shape, device=q.device, dtype=torch.float32)
@@ -104,30 +104,7 @@ def backward(
     return dq, dk, dv, dt
 
 
-def _delta(out: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
-    """``Δ = rowsum(dO ∘ O)`` ``[B, H, N]`` float32, reading each input once."""
-    out = out if out.stride(-1) == 1 else out.contiguous()
-    B, h, n, d = out.shape
-    delta = torch.empty(B, h, n, device=out.device, dtype=torch.float32)
-    rows = 64
-    _delta_kernel[(-(-n // rows), B * h)](out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], n, h,
-                                          ROWS=rows, D=d)
-    return delta
-
-
 if triton is not None:
-
-    @triton.jit
-    def _delta_kernel(O, DO, DELTA, sob, soh, son, sdb, sdh, sdn, n, h, ROWS: tl.constexpr, D: tl.constexpr):
-        bh = tl.program_id(1)
-        offs_m = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        offs_d = tl.arange(0, D)
-        rows = offs_m < n
-        o = tl.load(O + (bh // h) * sob + (bh % h) * soh + offs_m[:, None] * son + offs_d[None, :],
-                    mask=rows[:, None], other=0.0)
-        do = tl.load(DO + (bh // h) * sdb + (bh % h) * sdh + offs_m[:, None] * sdn + offs_d[None, :],
-                     mask=rows[:, None], other=0.0)
-        tl.store(DELTA + bh * n + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=rows)
 
     @triton.jit
     def _dkdv_rows(q_base, do_base, LSE, DELTA, row0, sqn, sdon, k, v, t, offs_n, offs_d, n, scale2,
@@ -154,10 +131,8 @@ if triton is not None:
             dv += tl.dot(p_t.to(do.dtype), do)
             dp_t = tl.dot(v, tl.trans(do))
             ds_t = p_t * (dp_t - delta[None, :])
-            ds_lo = ds_t.to(q.dtype)
-            dk += tl.dot(ds_lo, q)
-            # the row sums of dS by the tensor cores (a sum across threads each step costs more)
-            dt += tl.dot(ds_lo, tl.full([BLOCK_M, 16], 1.0, ds_lo.dtype))
+            dk += tl.dot(ds_t.to(q.dtype), q)
+            dt += tl.sum(ds_t, 1)
         return dk, dv, dt
 
     @triton.jit
@@ -222,7 +197,7 @@ if triton is not None:
             t = tl.load(t_base + offs_n * stn, mask=cols, other=0.0).to(tl.float32) * _LOG2E
             dk = tl.zeros([BLOCK, D], dtype=tl.float32)
             dv = tl.zeros([BLOCK, D], dtype=tl.float32)
-            dt = tl.zeros([BLOCK, 16], dtype=tl.float32)  # 16 equal columns: Σ_i dS_ij
+            dt = tl.zeros([BLOCK], dtype=tl.float32)
             for g in range(g0, g1):
                 h = hk * GROUP + g
                 bm_h = h if BM_HEADS else 0
@@ -253,8 +228,7 @@ if triton is not None:
             else:
                 tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=cols[:, None])
                 tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=cols[:, None])
-            # heads/batch sharing one bias row add up
-            tl.atomic_add(dt_base + offs_n * sdtn, tl.sum(dt, 1) / 16, mask=cols)
+            tl.atomic_add(dt_base + offs_n * sdtn, dt, mask=cols)  # heads/batch sharing one bias row add up
 
     @triton.jit
     def _dq_program(Q, K, V, DO, LSE, DELTA, T, DQ, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
