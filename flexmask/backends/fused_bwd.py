@@ -32,7 +32,7 @@ from .key_mass import BLOCK, LOG2E, kernels_apply, triton
 if triton is not None:
     import triton.language as tl
 
-    from .key_mass import _LOG2E, _probabilities, _row_terms
+    from .key_mass import _LOG2E, _bias_row, _probabilities, _row_terms
 
 # Set to False to use flex's backward plus the closed form of :mod:`.key_bias` instead.
 ENABLED = True
@@ -186,14 +186,8 @@ if triton is not None:
                         other=0.0)
             v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :], mask=cols[:, None],
                         other=0.0)
-            t_base = T
-            dt_base = DT
-            if T_BATCH:
-                t_base += b * stb
-                dt_base += b * sdtb
-            if T_HEADS:
-                t_base += (hk // GROUP_T) * sth
-                dt_base += (hk // GROUP_T) * sdth
+            t_base = _bias_row(T, b, hk // GROUP_T, stb, sth, T_BATCH, T_HEADS)
+            dt_base = _bias_row(DT, b, hk // GROUP_T, sdtb, sdth, T_BATCH, T_HEADS)
             t = tl.load(t_base + offs_n * stn, mask=cols, other=0.0).to(tl.float32) * _LOG2E
             dk = tl.zeros([BLOCK, D], dtype=tl.float32)
             dv = tl.zeros([BLOCK, D], dtype=tl.float32)
@@ -248,11 +242,7 @@ if triton is not None:
         lse, delta = _row_terms(LSE, DELTA, (b * hq + h) * n, offs_m, rows)
         k_base = K + b * skb + (h // GROUP) * skh
         v_base = V + b * svb + (h // GROUP) * svh
-        t_base = T
-        if T_BATCH:
-            t_base += b * stb
-        if T_HEADS:
-            t_base += (h // GROUP_TQ) * sth
+        t_base = _bias_row(T, b, h // GROUP_TQ, stb, sth, T_BATCH, T_HEADS)
         bm_b = b if BM_BATCH else 0
         bm_h = h if BM_HEADS else 0
         dq = tl.zeros([BLOCK, D], dtype=tl.float32)

@@ -100,6 +100,17 @@ if triton is not None:
         return lse, tl.load(DELTA + row0 + offs_m, mask=rows, other=0.0)
 
     @triton.jit
+    def _bias_row(T, b, hs, stb, sth, T_BATCH: tl.constexpr, T_HEADS: tl.constexpr):
+        # the start of bias row (batch b, bias head hs); a bias shared over the batch or the heads
+        # (T_BATCH / T_HEADS false) has one row there
+        row = T
+        if T_BATCH:
+            row += b * stb
+        if T_HEADS:
+            row += hs * sth
+        return row
+
+    @triton.jit
     def _probabilities(q, k, t, lse, offs_m, offs_n, n, scale, CAUSAL: tl.constexpr, EVEN: tl.constexpr):
         # P = exp2(scale · q kᵀ + t − lse) of a tile (scale, t, lse in base 2), 0 for keys past the
         # end (unless EVEN: n is a multiple of the block) and after the query if CAUSAL
@@ -156,11 +167,7 @@ if triton is not None:
                     mask=rows[:, None], other=0.0)
         lse, delta = _row_terms(LSE, DELTA, bh * n, offs_m, rows)
         k_base = K + b * skb + (h // GROUP_KV) * skh
-        t_base = T
-        if T_BATCH:
-            t_base += b * stb
-        if T_HEADS:
-            t_base += (h // GROUP_T) * sth
+        t_base = _bias_row(T, b, h // GROUP_T, stb, sth, T_BATCH, T_HEADS)
         bm_b = b if BM_BATCH else 0
         bm_h = h if BM_HEADS else 0
         acc_base = MASS + bh * n
