@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -385,6 +384,8 @@ def attention_forward(
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"flexmask's transformers attention does not support `{name}`")
     spec: _LayerSpec | None = getattr(module, "_flexmask", None)
+    if isinstance(attention_mask, _DogeMask):
+        attention_mask = attention_mask.model_mask
     if attention_mask is None:
         attention_mask = ModelMask(
             causal() if getattr(module, "is_causal", True) else None, query.shape[2], key.shape[2]
@@ -392,8 +393,8 @@ def attention_forward(
     elif not isinstance(attention_mask, ModelMask):
         raise TypeError(
             "the flexmask attention needs the mask built by its own mask interface, got "
-            f"{type(attention_mask).__name__}; pass a 2-D attention_mask (padding), not a prepared 4-D mask, "
-            "or express the pattern with apply(model, mask=...)"
+            f"{type(attention_mask).__name__} (transformers {_transformers_version()}); pass a 2-D "
+            "attention_mask (padding), not a prepared 4-D mask, or express the pattern with apply(model, mask=...)"
         )
     if attention_mask.kv_length != key.shape[2] or attention_mask.q_length != query.shape[2]:
         raise ValueError(
@@ -456,6 +457,12 @@ def _masking_utils() -> types.ModuleType:
 
         _MASKING_UTILS = transformers.masking_utils
     return _MASKING_UTILS
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 def register() -> None:
@@ -536,7 +543,7 @@ def apply(
         dma = None
         if _is_doge(module):
             dma = {"keep_window": int(module.keep_window_size), "bias_form": "exp", "bias_heads": "kv"}
-            module.forward = types.MethodType(_doge_forward, module)
+            module.prepare_dynamic_mask = types.MethodType(_doge_prepare_dynamic_mask, module)
         elif settings is not None and hasattr(module, "dt_proj"):
             dma = dict(settings)
         module._flexmask = _LayerSpec(layer_mask, layer_bias, dma, backend)
@@ -546,42 +553,45 @@ def apply(
     return model
 
 
-def _doge_forward(
+class _DogeMask:
+    """What Doge's ``prepare_dynamic_mask`` returns under ``"flexmask"``: the model's :class:`ModelMask`, untouched.
+
+    Doge's own ``forward`` runs as transformers wrote it (projections, norms, rotary embedding, the
+    cache update under whatever keyword the installed version uses); only its ``N × N`` dynamic
+    mask is replaced. The forward passes that mask through ``repeat_kv`` (``shape``, indexing,
+    ``expand``, ``reshape``) to the attention function, so this object answers those and stays itself;
+    :func:`attention_forward` then computes the top-``keep_window`` selection in ``O(N)``.
+    """
+
+    def __init__(self, model_mask: ModelMask | None, heads: int, q_len: int, kv_len: int):
+        self.model_mask = model_mask
+        self.shape = torch.Size((1, heads, q_len, kv_len))
+
+    def __getitem__(self, index: Any) -> _DogeMask:
+        return self
+
+    def expand(self, *sizes: Any) -> _DogeMask:
+        return self
+
+    def reshape(self, *sizes: Any) -> _DogeMask:
+        return self
+
+
+def _doge_prepare_dynamic_mask(
     self: nn.Module,
     hidden_states: torch.Tensor,
-    position_embeddings: tuple[torch.Tensor, torch.Tensor],
-    attention_mask: ModelMask | None = None,
-    past_key_values: Any = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """``DogeAttention.forward`` without its ``N × N`` dynamic mask: the DMA runs in :func:`attention_forward`.
+    dt_states: torch.Tensor,
+    keep_window_size: int = 2048,
+    attention_mask: Any = None,
+) -> Any:
+    """``DogeAttention.prepare_dynamic_mask`` under ``"flexmask"``: no ``N × N`` mask (see :class:`_DogeMask`).
 
-    Same projections, norms, rotary embedding and cache update as transformers' Doge; the dynamic
-    bias ``exp(A · softplus(dt_proj(v)))`` and the top-``keep_window_size`` selection are computed
-    from the same (post-cache) value states by :func:`flexmask.dma.dynamic_bias` and :func:`flexmask.topk`.
+    Under any other attention implementation (after ``set_attn_implementation("eager")``, say) it is
+    transformers' own method.
     """
     if self.config._attn_implementation != NAME:
-        return type(self).forward(self, hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
-    rotary = sys.modules[type(self).__module__].apply_rotary_pos_emb
-    input_shape = hidden_states.shape[:-1]
-    hidden_shape = (*input_shape, -1, self.head_dim)
-    q = self.q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
-    k = self.k_norm(self.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
-    v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    q, k = rotary(q, k, *position_embeddings)
-    if past_key_values is not None:
-        k, v = past_key_values.update(k, v, self.layer_idx)
-    out, weights = attention_forward(
-        self,
-        q,
-        k,
-        v,
-        attention_mask,
-        scaling=self.scaling,
-        dropout=0.0 if not self.training else self.attention_dropout,
-        **kwargs,
-    )
-    return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+        return type(self).prepare_dynamic_mask(self, hidden_states, dt_states, keep_window_size, attention_mask)
+    return _DogeMask(attention_mask, dt_states.shape[1], hidden_states.shape[1], dt_states.shape[-1])
 
 
 def to_dma(

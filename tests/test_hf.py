@@ -7,6 +7,7 @@ DMA), and ``F.scaled_dot_product_attention`` with an explicit dense mask for ``r
 
 from __future__ import annotations
 
+import inspect
 import zlib
 
 import pytest
@@ -79,6 +80,15 @@ def left_padding(batch, n, pad):
 PACKED = [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5]  # three sequences in one row
 
 
+# transformers 5.24 renamed the cache keyword of every forward (`past_key_values` -> `cache`)
+CACHE = "cache" if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+def cache_of(output):
+    """The cache a model's forward returned, under either name."""
+    return getattr(output, "cache", None) or output.past_key_values
+
+
 def close(a, b, dtype, rows=None):
     if rows is not None:
         a, b = a[rows], b[rows]
@@ -140,10 +150,11 @@ def test_decoding_with_cache(kind, gen):
         assert torch.equal(model.generate(ids, **settings), greedy)
         assert torch.equal(model.generate(ids, cache_implementation="static", **settings), static)
         full = model(ids).logits
-        cache = model(ids[:, :5], use_cache=True).past_key_values  # prefill 5, then 3 at once (Q < KV), then Q = 1
-        steps = [model(ids[:, 5:8], past_key_values=cache, use_cache=True).logits]
+        cache = cache_of(model(ids[:, :5], use_cache=True))  # prefill 5, then 3 at once (Q < KV), then Q = 1
+        assert cache.get_seq_length() == 5
+        steps = [model(ids[:, 5:8], use_cache=True, **{CACHE: cache}).logits]
         for t in range(8, 12):
-            steps.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+            steps.append(model(ids[:, t : t + 1], use_cache=True, **{CACHE: cache}).logits)
     close(torch.cat(steps, 1), full[:, 5:], torch.float64)
 
 
@@ -247,14 +258,25 @@ def test_doge_matches_transformers(case, gen):
 
 @needs_topk
 def test_doge_decoding_with_cache(gen):
+    """Doge's own forward fills the cache (whatever keyword the installed transformers passes it
+    under); decoding step by step equals the full forward, and switching back to eager works."""
     model = doge(keep_window=5, gen=gen)
     ids = distinct_tokens(2, 16, gen)
+    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         ref = model(ids).logits
+        greedy = model.generate(ids[:, :8], **settings)
         fm.hf.apply(model)
-        cache = model(ids[:, :6], use_cache=True).past_key_values
-        steps = [model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(6, 16)]
+        out = model(ids[:, :6], use_cache=True)
+        cache = cache_of(out)
+        assert cache.get_seq_length() == 6
+        steps = [model(ids[:, t : t + 1], use_cache=True, **{CACHE: cache}).logits for t in range(6, 16)]
+        assert cache.get_seq_length() == 16
+        assert torch.equal(model.generate(ids[:, :8], **settings), greedy)
+        model.set_attn_implementation("eager")
+        back = model(ids).logits
     close(torch.cat(steps, 1), ref[:, 6:], torch.float32)
+    close(back, ref, torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------
