@@ -1,6 +1,6 @@
 """A nanoGPT-style model that calls ``F.scaled_dot_product_attention``, given a sparse mask without editing it.
 
-``flexmask.hf.route_sdpa(mask=...)`` routes every SDPA call inside it through ``flexmask.attention``:
+``fm.route_sdpa(mask=...)`` routes every SDPA call inside it through ``flexmask.attention``:
 here each layer attends causally within a sliding window of 64 tokens plus the first 16 tokens
 (attention sinks). The script checks the routed model against the same model fed an explicit dense
 mask, takes a training step, and on CUDA runs the model under ``torch.compile``.
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import flexmask as fm
-from flexmask.hf import route_sdpa
+from flexmask import route_sdpa
 
 
 class CausalSelfAttention(nn.Module):

@@ -39,7 +39,7 @@ Outputs (``--out DIR``, rewritten after every finished run, so a killed sweep ke
 ``results.json`` (config, environment, one record per run with its learning curve), ``mqar.md``
 (accuracy table), ``mqar.png`` (accuracy vs length, one line per attention) and, for the DMA
 models at the longest length (``--mask-lengths``), ``masks_<kind>_<N>.png``: what each DMA layer
-kept for one held-out input, drawn with :mod:`flexmask.plot` when it is available. A DMA run's
+kept for one held-out input, drawn with :mod:`flexmask.viz` when matplotlib is available. A DMA run's
 record also holds the *pair recall* of each layer: the fraction of queries whose pair (the value's
 position) the layer's selection kept in at least one head (and per head).
 
@@ -84,7 +84,7 @@ except ImportError:  # run from a checkout without `pip install -e .`: use the r
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import flexmask as fm
 
-from flexmask.dma import apply_rotary  # the rotary embedding DynamicMaskAttention applies: every model shares it
+from flexmask.rotary import apply_rotary  # the rotary embedding DynamicMaskAttention applies: every model shares it
 
 KINDS = ("mha", "swa", "dma-token", "dma-block")
 LABELS = {
@@ -179,9 +179,24 @@ class Config:
 def smoke_config() -> Config:
     """A tiny configuration that runs the whole pipeline on CPU in seconds."""
     return Config(
-        lengths=[64, 96], num_pairs=4, num_keys=8, num_values=8, num_filler=8, window=8, block_size=4,
-        d_model=32, heads=2, kv_heads=1, short_conv=3, batch_size=4, steps=4, warmup=2, eval_batches=1, log_every=2,
-        device="cpu", smoke=True,
+        lengths=[64, 96],
+        num_pairs=4,
+        num_keys=8,
+        num_values=8,
+        num_filler=8,
+        window=8,
+        block_size=4,
+        d_model=32,
+        heads=2,
+        kv_heads=1,
+        short_conv=3,
+        batch_size=4,
+        steps=4,
+        warmup=2,
+        eval_batches=1,
+        log_every=2,
+        device="cpu",
+        smoke=True,
     )
 
 
@@ -269,9 +284,13 @@ def make_attention(kind: str, cfg: Config) -> nn.Module:
         return MaskedAttention(d, h, kv, fm.causal() & fm.sliding_window(cfg.window), cfg.rope_theta)
     if kind in ("dma-token", "dma-block"):
         return fm.DynamicMaskAttention(
-            d, num_heads=h, num_kv_heads=kv, keep_window=cfg.window,
+            d,
+            num_heads=h,
+            num_kv_heads=kv,
+            keep_window=cfg.window,
             selection="token" if kind == "dma-token" else "block",
-            block_size=cfg.block_size, rope_theta=cfg.rope_theta,
+            block_size=cfg.block_size,
+            rope_theta=cfg.rope_theta,
         )
     raise ValueError(f"unknown attention kind {kind!r}")
 
@@ -290,7 +309,8 @@ class Block(nn.Module):
             k = cfg.short_conv
             self.conv = nn.Conv1d(cfg.d_model, cfg.d_model, k, groups=cfg.d_model, padding=k - 1)
         self.mlp = nn.Sequential(
-            nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model), nn.GELU(),
+            nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model),
+            nn.GELU(),
             nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model),
         )
 
@@ -470,14 +490,14 @@ def evaluate(model: RecallModel, cfg: Config, length: int, device: torch.device)
 
 
 def save_mask_plot(model: RecallModel, kind: str, length: int, inputs: torch.Tensor, path: Path) -> str | None:
-    """Draw what every DMA layer kept for one input (``flexmask.plot``); ``None`` and a message when unavailable.
+    """Draw what every DMA layer kept for one input (``flexmask.viz``); ``None`` and a message when unavailable.
 
     Runs a float32 CPU copy of the model (the exact reference backend: no compilation).
     """
     try:
-        from flexmask.plot import plot_layers, record_masks
+        from flexmask.viz import plot_layers, record_masks
     except (ImportError, AttributeError) as exc:
-        print(f"[masks] flexmask.plot.record_masks/plot_layers unavailable ({exc}); skipping the mask plot")
+        print(f"[masks] flexmask.viz.record_masks/plot_layers unavailable ({exc}); skipping the mask plot")
         return None
     try:
         cpu = copy.deepcopy(model).float().cpu()
@@ -487,7 +507,7 @@ def save_mask_plot(model: RecallModel, kind: str, length: int, inputs: torch.Ten
         fig.savefig(path, dpi=110)
         return path.name
     except (ImportError, AttributeError) as exc:
-        print(f"[masks] flexmask.plot is missing something ({exc}); skipping the mask plot")
+        print(f"[masks] flexmask.viz is missing something ({exc}); skipping the mask plot")
     except Exception as exc:  # a drawing problem must not lose the run's results
         print(f"[masks] drawing the masks of {kind} N={length} failed: {type(exc).__name__}: {exc}")
     return None
@@ -497,11 +517,24 @@ def train_one(kind: str, length: int, cfg: Config, deadline: float | None, out_d
     """Train and evaluate one (attention kind, length) run; returns its record."""
     device = _device(cfg)
     record = {
-        "kind": kind, "length": length, "accuracy": None, "steps_planned": cfg.steps, "steps_done": 0,
-        "stopped_early": None, "first_step_s": None, "train_s": None, "step_ms": None,
-        "final_train_loss": None, "final_train_acc": None, "pair_recall": None, "pair_recall_per_head": None,
+        "kind": kind,
+        "length": length,
+        "accuracy": None,
+        "steps_planned": cfg.steps,
+        "steps_done": 0,
+        "stopped_early": None,
+        "first_step_s": None,
+        "train_s": None,
+        "step_ms": None,
+        "final_train_loss": None,
+        "final_train_acc": None,
+        "pair_recall": None,
+        "pair_recall_per_head": None,
         "masks_png": None,
-        "params": None, "curve": [], "error": None, "device": _device_name(device),
+        "params": None,
+        "curve": [],
+        "error": None,
+        "device": _device_name(device),
     }
     if deadline is not None and time.time() > deadline - 20:
         record["stopped_early"] = "skipped: total budget exhausted before the run started"
@@ -529,8 +562,14 @@ def train_one(kind: str, length: int, cfg: Config, deadline: float | None, out_d
 
     t0 = time.perf_counter()
     t_train = None
-    bar = tqdm(total=cfg.steps, desc=f"{kind:>9} N={length:<5}", mininterval=30 if cfg.jobs > 1 else 10,
-               leave=False, disable=cfg.smoke, dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.steps,
+        desc=f"{kind:>9} N={length:<5}",
+        mininterval=30 if cfg.jobs > 1 else 10,
+        leave=False,
+        disable=cfg.smoke,
+        dynamic_ncols=True,
+    )
     try:
         limit, limited_by = None, None  # seconds of training allowed after the first step, and by what
         for step in range(cfg.steps):
@@ -701,8 +740,7 @@ def plot_results(results: dict, path: Path) -> None:
     styles = {"mha": ("C0", "o"), "swa": ("C3", "s"), "dma-token": ("C2", "^"), "dma-block": ("C1", "v")}
     for kind in cfg["kinds"]:
         pts = sorted(
-            (r["length"], r["accuracy"]) for r in results["runs"]
-            if r["kind"] == kind and r.get("accuracy") is not None
+            (r["length"], r["accuracy"]) for r in results["runs"] if r["kind"] == kind and r.get("accuracy") is not None
         )
         if pts:
             color, marker = styles[kind]
@@ -745,8 +783,10 @@ def sweep(cfg: Config, out: Path, command: str) -> dict:
         "config": dataclasses.asdict(cfg),
         "environment": {
             "device": _device_name(device) if cfg.jobs <= 1 or device.type != "cuda" else "cuda",
-            "torch": torch.__version__, "python": platform.python_version(),
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "command": command,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "command": command,
         },
         "runs": [],
         "wall_s": None,
@@ -809,8 +849,14 @@ def sweep(cfg: Config, out: Path, command: str) -> dict:
         except cf.TimeoutError:
             for fut, (kind, n) in futures.items():
                 if not fut.done():
-                    finished({"kind": kind, "length": n, "accuracy": None,
-                              "error": "no result 45 s after the total budget: worker stopped"})
+                    finished(
+                        {
+                            "kind": kind,
+                            "length": n,
+                            "accuracy": None,
+                            "error": "no result 45 s after the total budget: worker stopped",
+                        }
+                    )
             for proc in list(getattr(pool, "_processes", {}).values()):  # the workers this sweep started
                 proc.terminate()
             pool.shutdown(wait=False, cancel_futures=True)
@@ -833,32 +879,60 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, Path]:
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {d.lr})")
     p.add_argument("--window", type=int, default=None, help=f"w: window and DMA keep_window (default {d.window})")
     p.add_argument("--block-size", type=int, default=None, help=f"DMA block selection block (default {d.block_size})")
-    p.add_argument("--short-conv", type=int, default=None,
-                   help=f"kernel of the causal depthwise conv on attention inputs, 0 = none (default {d.short_conv})")
+    p.add_argument(
+        "--short-conv",
+        type=int,
+        default=None,
+        help=f"kernel of the causal depthwise conv on attention inputs, 0 = none (default {d.short_conv})",
+    )
     p.add_argument("--num-pairs", type=int, default=None, help=f"key-value pairs per sequence (default {d.num_pairs})")
     p.add_argument("--eval-batches", type=int, default=None, help=f"held-out batches (default {d.eval_batches})")
     p.add_argument("--seed", type=int, default=None, help=f"seed (default {d.seed})")
-    p.add_argument("--time-budget", type=float, default=None,
-                   help="seconds of training per run after its first (compiling) step; the run stops early "
-                        "and says so when it is exceeded")
-    p.add_argument("--total-budget", type=float, default=None,
-                   help="seconds for the whole sweep: runs still training near the end stop early, runs not "
-                        "started by then are skipped (both reported)")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds of training per run after its first (compiling) step; the run stops early "
+        "and says so when it is exceeded",
+    )
+    p.add_argument(
+        "--total-budget",
+        type=float,
+        default=None,
+        help="seconds for the whole sweep: runs still training near the end stop early, runs not "
+        "started by then are skipped (both reported)",
+    )
     p.add_argument("--jobs", type=int, default=None, help="runs trained at once in worker processes (default 1)")
     p.add_argument("--device", default=None, help="auto, cpu or cuda (default auto)")
     p.add_argument("--no-masks", action="store_true", help="skip the learned-mask plots of the DMA models")
-    p.add_argument("--mask-lengths", type=int, nargs="+", default=None,
-                   help="lengths whose learned DMA masks are drawn (default: the longest)")
+    p.add_argument(
+        "--mask-lengths",
+        type=int,
+        nargs="+",
+        default=None,
+        help="lengths whose learned DMA masks are drawn (default: the longest)",
+    )
     p.add_argument("--out", type=Path, default=Path("mqar_out"), help="output folder")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run of the whole pipeline (seconds)")
     a = p.parse_args(argv)
     cfg = smoke_config() if a.smoke else Config()
     overrides = {
-        "lengths": a.lengths, "kinds": a.kinds, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr,
-        "window": a.window, "block_size": a.block_size, "short_conv": a.short_conv, "num_pairs": a.num_pairs,
+        "lengths": a.lengths,
+        "kinds": a.kinds,
+        "steps": a.steps,
+        "batch_size": a.batch_size,
+        "lr": a.lr,
+        "window": a.window,
+        "block_size": a.block_size,
+        "short_conv": a.short_conv,
+        "num_pairs": a.num_pairs,
         "eval_batches": a.eval_batches,
-        "seed": a.seed, "time_budget": a.time_budget, "total_budget": a.total_budget, "jobs": a.jobs,
-        "device": a.device, "mask_lengths": a.mask_lengths,
+        "seed": a.seed,
+        "time_budget": a.time_budget,
+        "total_budget": a.total_budget,
+        "jobs": a.jobs,
+        "device": a.device,
+        "mask_lengths": a.mask_lengths,
     }
     for name, value in overrides.items():
         if value is not None:

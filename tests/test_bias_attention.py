@@ -16,33 +16,13 @@ import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import flexmask as fm
-from flexmask.attention import cached_block_mask, lower_score
 from flexmask.backends import flex as flex_backend
-from flexmask.blocks import Layout
+
+from ._lowering import Layout, block_mask_for, lower_score
+from ._reference import ref_attention, rel_err
 
 # ---------------------------------------------------------------------------------------------
-# the float64 reference
-
-
-def ref_attention(q, k, v, *, keep=None, bias=None, scale=None, softcap=None):
-    """Dense float64 attention; ``keep`` bool and ``bias`` float broadcastable to ``[B, Hq, Q, KV]``."""
-    q, k, v = q.double(), k.double(), v.double()
-    g = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    s = (q @ k.transpose(-1, -2)) * scale
-    if softcap is not None:
-        s = softcap * torch.tanh(s / softcap)
-    if bias is not None:
-        s = s + bias
-    if keep is None:
-        keep = torch.ones(s.shape, dtype=torch.bool, device=s.device)
-    keep = keep.expand(s.shape)
-    alive = keep.any(-1, keepdim=True)
-    s = torch.where(keep, s, torch.full_like(s, float("-inf")))
-    p = torch.softmax(torch.where(alive, s, torch.zeros_like(s)), dim=-1)
-    p = torch.where(alive, p, torch.zeros_like(p))
-    return p @ v
+# truths of the biases
 
 
 def positions(Q, KV):
@@ -144,10 +124,6 @@ MASKS = [
 
 def randn(*shape, gen, dtype=torch.float64, grad=False):
     return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype).requires_grad_(grad)
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
 
 
 def check_grads(out, ref, ours, theirs, gen, tol):
@@ -292,7 +268,7 @@ def test_alibi_with_heads_not_a_power_of_two(gen):
 
 def test_relative_bucket_matches_t5():
     """flexmask's bucket function, at every distance up to beyond max_distance."""
-    from flexmask.bias import relative_bucket
+    from flexmask.algebra.bias import relative_bucket
 
     rel = torch.arange(-400, 400)
     for nb, md, bi in [(32, 128, False), (32, 128, True), (16, 20, False), (12, 30, True), (8, 9, False)]:
@@ -445,7 +421,7 @@ def test_lowered_functions_in_flex_with_q_shorter_than_kv(mask_name, bias_name, 
     layout = Layout(B, HQ, Q, KV, torch.device("cpu"))
     with torch.no_grad():
         out = eager_flex(
-            q, k, v, score_mod=lower_score(bias, 6.0, layout), block_mask=cached_block_mask(mask, layout, 16), scale=0.5
+            q, k, v, score_mod=lower_score(bias, 6.0, layout), block_mask=block_mask_for(mask, layout, 16), scale=0.5
         )
         ref = ref_attention(q, k, v, keep=keep, bias=make_ref(params), softcap=6.0, scale=0.5)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
@@ -477,7 +453,7 @@ def test_new_tensor_contents_do_not_recompile(gen):
                 k,
                 v,
                 lower_score(bias, None, layout),
-                cached_block_mask(mask, layout, 32),
+                block_mask_for(mask, layout, 32),
                 0.25,
                 compile_backend="eager",
             )

@@ -6,60 +6,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_bias_attention import ref_attention
 
 import flexmask as fm
-from flexmask.dma import prefix_kth_smallest
+from flexmask.lowering.prefix_topk import prefix_kth_smallest
 
-# ---------------------------------------------------------------------------------------------
-# independent references (plain loops and dense float64 math)
-
-
-def brute_topk(scores: torch.Tensor, k: int, lengths=None, ids=None) -> torch.Tensor:
-    """Dense [B, Hs, N, N] keep-map of prefix top-k, by sorting the candidates of every query."""
-    B, Hs, N = scores.shape
-    keep = torch.zeros(B, Hs, N, N, dtype=torch.bool)
-    for b in range(B):
-        for h in range(Hs):
-            s = scores[b, h].tolist()
-            for i in range(N):
-                cand = [
-                    j
-                    for j in range(i + 1)
-                    if (lengths is None or j < lengths[b]) and (ids is None or ids[b][j] == ids[b][i])
-                ]
-                cand.sort(key=lambda j: (s[j], j), reverse=True)
-                for j in cand[:k]:
-                    keep[b, h, i, j] = True
-    return keep
-
-
-def brute_topk_blocks(scores: torch.Tensor, k: int, bs: int) -> torch.Tensor:
-    """Dense keep-map of block top-k: each query block keeps its k best past blocks and its own, causal."""
-    B, Hs, N = scores.shape
-    nb = -(-N // bs)
-    keep = torch.zeros(B, Hs, N, N, dtype=torch.bool)
-    for b in range(B):
-        for h in range(Hs):
-            block_score = [max(scores[b, h, u * bs : (u + 1) * bs].tolist()) for u in range(nb)]
-            for t in range(nb):
-                past = sorted(range(t), key=lambda u: (block_score[u], u), reverse=True)[:k]
-                for i in range(t * bs, min(N, (t + 1) * bs)):
-                    for u in past:
-                        keep[b, h, i, u * bs : min(N, (u + 1) * bs)] = True
-                    keep[b, h, i, t * bs : i + 1] = True
-    return keep
-
-
-def dense_attention(q, k, v, keep, bias_keys=None, scale=None):
-    """float64 attention with a dense keep map [B, Hq, Q, KV] and per-key bias [B, Hq, KV]."""
-    bias = None if bias_keys is None else bias_keys.double()[:, :, None, :]
-    return ref_attention(q, k, v, keep=keep, bias=bias, scale=scale)
-
-
-def heads_to(t: torch.Tensor, hq: int) -> torch.Tensor:
-    return t.repeat_interleave(hq // t.shape[1], 1)
-
+from ._reference import brute_topk, brute_topk_blocks, dense_attention, heads_to
 
 # ---------------------------------------------------------------------------------------------
 # selection
@@ -202,7 +153,8 @@ def test_dma_float32_padding_rows():
 
 def module_parts(layer: fm.DynamicMaskAttention, x: torch.Tensor):
     """q, k, v (with rotary) and the per-key scores, recomputed from the layer's parameters."""
-    from flexmask.dma import apply_rotary, dynamic_bias
+    from flexmask.dma import dynamic_bias
+    from flexmask.rotary import apply_rotary
 
     B, n, _ = x.shape
     d = layer.head_dim
@@ -278,9 +230,9 @@ def test_block_selection_module_runs():
 def test_new_scores_reuse_the_compiled_kernel():
     from torch._dynamo.utils import counters
 
-    from flexmask.attention import cached_block_mask, lower_score
     from flexmask.backends.flex import flex
-    from flexmask.blocks import Layout
+
+    from ._lowering import Layout, block_mask_for, lower_score
 
     torch._dynamo.reset()
     counters.clear()
@@ -289,11 +241,11 @@ def test_new_scores_reuse_the_compiled_kernel():
     for step in range(4):
         s = torch.randn(1, 2, 64)
         mask = fm.topk(s, 8 + 0 * step)
-        bm = cached_block_mask(mask, layout, block_size=16)
+        bm = block_mask_for(mask, layout, block_size=16)
         flex(q, q, q, lower_score(fm.key_bias(s), None, layout), bm, 0.25, compile_backend="eager")
     assert counters["stats"]["unique_graphs"] == 1
     # a structural change (another k changes nothing compiled; another mask kind does)
-    bm = cached_block_mask(fm.topk_blocks(torch.randn(1, 2, 64), 2, block_size=16), layout, block_size=16)
+    bm = block_mask_for(fm.topk_blocks(torch.randn(1, 2, 64), 2, block_size=16), layout, block_size=16)
     flex(q, q, q, None, bm, 0.25, compile_backend="eager")
     assert counters["stats"]["unique_graphs"] == 2
 
@@ -329,8 +281,8 @@ def test_dma_errors():
 
 
 def test_layout_plan_keeps_exactly_the_selected_keys():
-    from flexmask.backends.dma_layout import plan
-    from flexmask.dma import interval_ends
+    from flexmask.lowering.prefix_topk import interval_ends
+    from flexmask.lowering.token_layout import layout_plan as plan
 
     g = torch.Generator().manual_seed(11)
     for trial, (n, k, block) in enumerate([(1, 1, 8), (37, 5, 8), (200, 17, 16), (300, 40, 32), (129, 128, 16)]):
@@ -363,22 +315,25 @@ def test_layout_plan_keeps_exactly_the_selected_keys():
 def test_layout_attention_matches_reference(monkeypatch, hs):
     from torch.nn.attention.flex_attention import flex_attention
 
-    from flexmask.backends import dma_layout, flex
-    from flexmask.blocks import Layout
+    from flexmask.backends import flex
+    from flexmask.lowering.planner import lower
+
+    from ._lowering import Layout, lowering
 
     # dynamo without inductor: exercises the layout's BlockMask and mask_mod cheaply on CPU
-    monkeypatch.setitem(flex._compiled, ("inductor", False), torch.compile(flex_attention, backend="eager"))
+    eager_flex = torch.compile(flex_attention, backend="eager")
+    monkeypatch.setattr(flex, "compiled_flex", lambda backend="inductor", dynamic=False: eager_flex)
     torch.manual_seed(12)
     B, Hq, Hkv, n, D, w = 2, 4, 2, 300, 16, 24
     q, k, v = torch.randn(B, Hq, n, D), torch.randn(B, Hkv, n, D), torch.randn(B, Hkv, n, D)
     s = torch.randn(B, hs, n)  # one score per KV head, or one shared by all heads
     mask, bias = fm.topk(s, w), fm.key_bias(s)
-    assert dma_layout.applies(mask, bias, None, Layout(B, Hq, n, n, q.device), k)
+    low = lowering(Layout(B, Hq, n, n, q.device, Hkv), backend="flex")
+    assert lower(mask, bias, layout=low.layout, options=low.options, scale=0.25, softcap=None).kind == "token_layout"
     with torch.no_grad():
         out = fm.attention(q, k, v, mask=mask, bias=bias, backend="flex")
     ref = dense_attention(q, k, v, heads_to(brute_topk(s, w), Hq), heads_to(s, Hq)).float()
     torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
-
 
 
 @pytest.mark.parametrize("among", [None, "padding", "document"])
@@ -401,19 +356,30 @@ def test_topk_for_one_decoding_query_matches_brute_force(among):
 @pytest.mark.parametrize("hs", [1, 2, 4])
 def test_topk_blocks_build_function_matches_generic_build(hs):
     """The function the CUDA graph replays gives the generic builder's index tensors and selection."""
-    from flexmask.blocks import Layout, classify, from_block_states
-    from flexmask.dma import _build_from_scores
+    from flexmask.lowering.blocks import classify, from_block_states
+    from flexmask.lowering.selection import _topk_blocks_build
+
+    from ._lowering import Layout, lowering
 
     torch.manual_seed(11)
     n, k, bs = 1000, 3, 64
     s = torch.randn(2, hs, n)
     layout = Layout(2, 4, n, n, torch.device("cpu"))
-    sel, *tensors = _build_from_scores(s, key=(k, bs, layout))
+    sel, *tensors = _topk_blocks_build(s, key=(k, bs, layout))
     mask = fm.topk_blocks(s, k, block_size=bs)
-    generic = from_block_states(*classify(mask, layout, bs), mask._mask_mod(layout), n, n, bs)
-    want = (generic.kv_num_blocks, generic.kv_indices, generic.full_kv_num_blocks, generic.full_kv_indices,
-            generic.q_num_blocks, generic.q_indices, generic.full_q_num_blocks, generic.full_q_indices)
+    low = lowering(layout)
+    generic = from_block_states(*classify(mask, low, bs), mask._mask_mod(low), n, n, bs)
+    want = (
+        generic.kv_num_blocks,
+        generic.kv_indices,
+        generic.full_kv_num_blocks,
+        generic.full_kv_indices,
+        generic.q_num_blocks,
+        generic.q_indices,
+        generic.full_q_num_blocks,
+        generic.full_q_indices,
+    )
     assert all(t.dtype == torch.int32 for t in (sel, *tensors))
     for got, expected in zip(tensors, want, strict=True):
         assert torch.equal(got, expected)
-    assert torch.equal(sel.long(), mask.block_selection(layout))
+    assert torch.equal(sel.long(), mask.block_selection(low))

@@ -12,9 +12,10 @@ import math
 
 import pytest
 import torch
-from test_bias_attention import ref_attention
 
 import flexmask as fm
+
+from ._reference import ref_attention, rel_err
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -23,11 +24,6 @@ B, HQ, HKV, D = 2, 8, 2, 64
 
 # ---------------------------------------------------------------------------------------------
 # float64 reference: the CPU tests' own (device-agnostic); position helpers here live on the GPU
-
-
-def rel_err(a, b, floor=0.0):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / max(b.norm().item(), floor)).item()
 
 
 def positions(Q, KV):

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_dma import brute_topk_blocks, dense_attention, heads_to
 
 import flexmask as fm
 
+from ._reference import brute_topk_blocks, dense_attention, heads_to, rel_err
+
 pytestmark = pytest.mark.gpu
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def interval_keep(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -98,24 +95,35 @@ def test_decoding_with_a_growing_cache_compiles_a_bounded_number_of_graphs():
     assert counters["stats"]["unique_graphs"] - before <= 4
 
 
-def test_graphed_topk_blocks_build_matches_eager_and_results_never_alias(monkeypatch):
-    import flexmask.dma as dma
-    from flexmask.blocks import Layout, build_block_mask
+def test_graphed_topk_blocks_build_matches_eager_and_results_never_alias():
+    from flexmask.lowering.cache import graph_store
+    from flexmask.lowering.planner import lower_block_mask
+
+    from ._lowering import Layout, lowering
 
     torch.manual_seed(5)
     n, Hq, Hkv = 3000, 4, 2
-    layout = Layout(1, Hq, n, n, torch.device("cuda"))
+    layout = Layout(1, Hq, n, n, torch.device("cuda"), Hkv)
     s1, s2 = (torch.randn(1, Hkv, n, device="cuda") for _ in range(2))
 
     def tensors(bm):
-        return [bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
-                bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices]
+        return [
+            bm.kv_num_blocks,
+            bm.kv_indices,
+            bm.full_kv_num_blocks,
+            bm.full_kv_indices,
+            bm.q_num_blocks,
+            bm.q_indices,
+            bm.full_q_num_blocks,
+            bm.full_q_indices,
+        ]
 
-    monkeypatch.setattr(dma, "GRAPHED_BUILD", False)
-    eager1, eager2 = (tensors(build_block_mask(fm.topk_blocks(s, 3), layout)) for s in (s1, s2))
-    monkeypatch.setattr(dma, "GRAPHED_BUILD", True)
-    graphed = [build_block_mask(fm.topk_blocks(s, 3), layout) for s in (s1, s2, s1)]
-    assert any(entry != "eager" for entry in dma._graphed_build._graphs.values()), "nothing was captured"
+    def build(s, graphed):
+        return lower_block_mask(fm.topk_blocks(s, 3), lowering(layout, graphed_build=graphed, cache=False))
+
+    eager1, eager2 = (tensors(build(s, False)) for s in (s1, s2))
+    graphed = [build(s, True) for s in (s1, s2, s1)]
+    assert any(entry != "eager" for entry in graph_store().values()), "nothing was captured"
     # each result is its own memory: later replays left the earlier BlockMasks intact
     for bm, want in zip(graphed, (eager1, eager2, eager1), strict=True):
         for got, expected in zip(tensors(bm), want, strict=True):
@@ -125,13 +133,21 @@ def test_graphed_topk_blocks_build_matches_eager_and_results_never_alias(monkeyp
     k, v = (torch.randn(1, Hkv, n, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     outs = []
     for graphed_build in (False, True):
-        monkeypatch.setattr(dma, "GRAPHED_BUILD", graphed_build)
-        outs.append(fm.attention(q, k, v, mask=fm.topk_blocks(s2, 3), bias=fm.key_bias(s2)))
+        outs.append(
+            fm.attention(
+                q,
+                k,
+                v,
+                mask=fm.topk_blocks(s2, 3),
+                bias=fm.key_bias(s2),
+                options={"graphed_build": graphed_build, "cache": False},
+            )
+        )
     assert torch.equal(outs[0], outs[1])
 
 
-def test_graphed_token_layout_matches_eager_and_results_never_alias(monkeypatch):
-    from flexmask.backends import dma_layout
+def test_graphed_token_layout_matches_eager_and_results_never_alias():
+    from flexmask.lowering.cache import graph_store
 
     torch.manual_seed(6)
     n, Hq, Hkv, D, w = 3000, 4, 2, 64, 256
@@ -141,15 +157,14 @@ def test_graphed_token_layout_matches_eager_and_results_never_alias(monkeypatch)
     g = torch.randn(1, Hq, n, D, device="cuda", dtype=torch.bfloat16)
 
     def run(s):
-        out = fm.attention(q, k, v, mask=fm.topk(s, w), bias=fm.key_bias(s))
+        out = fm.attention(q, k, v, mask=fm.topk(s, w), bias=fm.key_bias(s), options={"graphed_build": False})
         return [out, *torch.autograd.grad(out, (q, k, v, s), g)]
 
-    monkeypatch.setattr(dma_layout, "GRAPHED_BUILD", False)
     eager = [run(s) for s in scores]
-    monkeypatch.setattr(dma_layout, "GRAPHED_BUILD", True)
+    fm.clear_cache()
     # both forwards first, then both backwards: the first call's layout must survive the second's replay
     outs = [fm.attention(q, k, v, mask=fm.topk(s, w), bias=fm.key_bias(s)) for s in scores]
-    assert any(entry != "eager" for entry in dma_layout._graphed_tensors._graphs.values()), "nothing was captured"
+    assert any(entry != "eager" for entry in graph_store().values()), "nothing was captured"
     for out, s, want in zip(outs, scores, eager, strict=True):
         got = [out, *torch.autograd.grad(out, (q, k, v, s), g)]
         assert torch.equal(got[0], want[0])
@@ -157,13 +172,12 @@ def test_graphed_token_layout_matches_eager_and_results_never_alias(monkeypatch)
             assert rel_err(a, b) < 1e-2
 
 
-def test_query_side_key_mass_matches_float64_and_the_transposed_pass(monkeypatch):
-    """The Triton kernel behind block DMA's bias gradient (backends/key_mass.py): Σ_i P_ij Δ_i vs a
-    float64 dense sum, and fm.attention's gradients with it vs with the transposed flex pass."""
+def test_query_side_key_mass_matches_float64_and_the_transposed_pass():
+    """The Triton kernel behind block DMA's bias gradient (backends/triton/key_mass.py): Σ_i P_ij Δ_i vs
+    a float64 dense sum, and fm.attention's gradients with it vs with the transposed flex pass."""
     import math
 
-    from flexmask.backends import key_mass
-    from flexmask.blocks import Layout, build_block_mask
+    from flexmask.backends.triton import key_mass
 
     torch.manual_seed(8)
     B, Hq, Hkv, n, D = 2, 4, 2, 1000, 64
@@ -171,7 +185,7 @@ def test_query_side_key_mass_matches_float64_and_the_transposed_pass(monkeypatch
     k = torch.randn(B, Hkv, n, D, device="cuda", dtype=torch.bfloat16)
     t = torch.randn(1, Hkv, n, device="cuda")
     mask = fm.topk_blocks(torch.randn(B, Hkv, n, device="cuda"), 3)
-    bm = build_block_mask(mask, Layout(B, Hq, n, n, torch.device("cuda")), 128)
+    bm = mask.block_mask(n, n, batch=B, heads=Hq, device="cuda")
     scale = D**-0.5
     allowed = mask.to_dense(n, n, batch=B, heads=Hq)
     s = scale * q.double() @ k.double().repeat_interleave(2, 1).transpose(-1, -2)
@@ -186,9 +200,13 @@ def test_query_side_key_mass_matches_float64_and_the_transposed_pass(monkeypatch
     ins = [x.clone().requires_grad_() for x in (q, k, v)] + [torch.randn(B, Hkv, n, device="cuda", requires_grad=True)]
     g = torch.randn(B, Hq, n, D, device="cuda", dtype=torch.bfloat16)
     grads = []
-    for enabled in (True, False):
-        monkeypatch.setattr(key_mass, "ENABLED", enabled)
-        out = fm.attention(*ins[:3], mask=fm.topk_blocks(ins[3].detach(), 3), bias=fm.key_bias(ins[3]))
+    for choice in ("query_side", "transposed"):
+        out = fm.attention(
+            *ins[:3],
+            mask=fm.topk_blocks(ins[3].detach(), 3),
+            bias=fm.key_bias(ins[3]),
+            options={"key_bias_grad": choice},
+        )
         grads.append(torch.autograd.grad(out, ins, g))
     for a, b in zip(*grads, strict=True):
         assert rel_err(a, b) < 1e-2
@@ -196,14 +214,12 @@ def test_query_side_key_mass_matches_float64_and_the_transposed_pass(monkeypatch
 
 @pytest.mark.parametrize("split", [False, True], ids=["one-program-per-key-block", "split-lists"])
 def test_fused_backward_matches_float64(monkeypatch, split):
-    """The fused Triton backward for block DMA (backends/fused_bwd.py): dq, dk, dv and the key-bias
+    """The fused Triton backward for block DMA (backends/triton/fused_bwd.py): dq, dk, dv and the key-bias
     gradient vs float64 autograd, GQA, a bias shared over the batch; with each key block's list in
     one program, and split over programs of one entry (float32 atomics)."""
-    from flexmask.backends import fused_bwd
+    from flexmask.backends.triton import fused_bwd
 
-    monkeypatch.setattr(fused_bwd, "ENABLED", True)
-    monkeypatch.setattr(fused_bwd, "SPLIT_BELOW", 10**6 if split else 0)
-    monkeypatch.setattr(fused_bwd, "CHUNK", 1 if split else 16)
+    options = {"key_bias_grad": "fused", "split_below": 10**6 if split else 0, "split_chunk": 1 if split else 16}
     torch.manual_seed(9)
     B, Hq, Hkv, n, D = 2, 4, 2, 1000, 64
     q = torch.randn(B, Hq, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -213,12 +229,40 @@ def test_fused_backward_matches_float64(monkeypatch, split):
     calls = []
     real = fused_bwd.backward
     monkeypatch.setattr(fused_bwd, "backward", lambda *a: calls.append(1) or real(*a))
-    out = fm.attention(q, k, v, mask=fm.topk_blocks(s.detach(), 2), bias=fm.key_bias(s))
+    out = fm.attention(q, k, v, mask=fm.topk_blocks(s.detach(), 2), bias=fm.key_bias(s), options=options)
     keep = brute_topk_blocks(s.detach().expand(B, -1, -1).cpu(), 2, 128).to("cuda")
     ref = dense_attention(q, k, v, heads_to(keep, Hq), heads_to(s.expand(B, -1, -1), Hq))
     g = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v, s), g)
     want = torch.autograd.grad(ref, (q, k, v, s), g.double())
     assert calls, "the fused backward did not run"
+    for a, b in zip(got, want, strict=True):
+        assert rel_err(a, b) < 2e-2
+
+
+@pytest.mark.parametrize("choice", ["auto", "query_side", "transposed", "flex"])
+def test_causal_key_bias_every_gradient_path_matches_float64(monkeypatch, choice):
+    """A causal mask's partial blocks are causal too: the planner offers the Triton paths for
+    `causal() + key_bias` (DMA with a window larger than the sequence); every choice of
+    `key_bias_grad` gives float64's gradients, and "auto" takes the fused backward."""
+    from flexmask.backends.triton import fused_bwd
+
+    torch.manual_seed(10)
+    B, Hq, Hkv, n, D = 1, 4, 2, 777, 64
+    q = torch.randn(B, Hq, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(B, Hkv, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(B, Hkv, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    s = torch.randn(B, Hkv, n, device="cuda", requires_grad=True)
+    calls = []
+    real = fused_bwd.backward
+    monkeypatch.setattr(fused_bwd, "backward", lambda *a: calls.append(1) or real(*a))
+    out = fm.attention(q, k, v, mask=fm.causal(), bias=fm.key_bias(s), options={"key_bias_grad": choice})
+    keep = torch.ones(n, n, dtype=torch.bool, device="cuda").tril()[None, None]
+    ref = dense_attention(q, k, v, keep, heads_to(s, Hq))
+    assert rel_err(out, ref) < 1e-2
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, s), g)
+    want = torch.autograd.grad(ref, (q, k, v, s), g.double())
+    assert bool(calls) == (choice == "auto")
     for a, b in zip(got, want, strict=True):
         assert rel_err(a, b) < 2e-2

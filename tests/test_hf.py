@@ -33,8 +33,13 @@ def gen(request) -> torch.Generator:
 
 def llama(dtype=torch.float32, layers=2):
     cfg = transformers.LlamaConfig(
-        vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa",
+        vocab_size=V,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_implementation="sdpa",
     )
     return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
 
@@ -43,20 +48,35 @@ def qwen3(dtype=torch.float32, sliding=None, layers=4):
     extra = {}
     if sliding is not None:  # layers 1 and 3 use a sliding window
         extra = dict(
-            use_sliding_window=True, sliding_window=sliding, max_window_layers=layers,
+            use_sliding_window=True,
+            sliding_window=sliding,
+            max_window_layers=layers,
             layer_types=["full_attention", "sliding_attention"] * (layers // 2),
         )
     cfg = transformers.Qwen3Config(
-        vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, attn_implementation="sdpa", **extra,
+        vocab_size=V,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        attn_implementation="sdpa",
+        **extra,
     )
     return transformers.Qwen3ForCausalLM(cfg).to(dtype).eval()
 
 
 def doge(keep_window, dtype=torch.float32, gen=None):
     cfg = transformers.DogeConfig(
-        vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, keep_window_size=keep_window, attn_implementation="eager",
+        vocab_size=V,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        keep_window_size=keep_window,
+        attn_implementation="eager",
     )
     model = transformers.DogeForCausalLM(cfg).to(dtype).eval()
     with torch.no_grad():  # a trained-looking gate: A != 0, so the dynamic scores differ per key
@@ -126,7 +146,8 @@ def test_apply_matches_sdpa(kind, dtype, gen):
 def test_sliding_layers_are_sliding(gen):
     """Qwen3's sliding-window layers reach flexmask as sliding_window masks, the others as causal."""
     seen = []
-    observers = __import__("importlib").import_module("flexmask.attention").observers
+    from flexmask.functional import observers
+
     observers.append(lambda mask, layout: seen.append(repr(mask)))
     try:
         model = fm.hf.apply(qwen3(sliding=6))

@@ -19,15 +19,27 @@ _flex_eager = torch.compile(flex_attention, backend="eager", fullgraph=True)
 def _grid(q, k):
     B, H, Q, _ = q.shape
     kv = k.shape[2]
-    return (torch.arange(B).view(B, 1, 1, 1), torch.arange(H).view(1, H, 1, 1),
-            torch.arange(Q).view(1, 1, Q, 1), torch.arange(kv).view(1, 1, 1, kv))
+    return (
+        torch.arange(B).view(B, 1, 1, 1),
+        torch.arange(H).view(1, H, 1, 1),
+        torch.arange(Q).view(1, 1, Q, 1),
+        torch.arange(kv).view(1, 1, 1, kv),
+    )
 
 
 def run(q, k, v, score_mod, block_mask, scale):
     """Dense and differentiable while q/k/v need grad; real (eager) flex otherwise."""
     if not q.requires_grad:
-        out, aux = _flex_eager(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
-                               enable_gqa=q.shape[1] != k.shape[1], return_aux=AuxRequest(lse=True))
+        out, aux = _flex_eager(
+            q,
+            k,
+            v,
+            score_mod=score_mod,
+            block_mask=block_mask,
+            scale=scale,
+            enable_gqa=q.shape[1] != k.shape[1],
+            return_aux=AuxRequest(lse=True),
+        )
         return out, aux.lse
     g = q.shape[1] // k.shape[1]
     kk, vv = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
@@ -95,8 +107,21 @@ def test_key_bias_gradient_with_fully_masked_rows_and_padding():
 
 
 def test_supported_bias_heads():
-    assert key_bias.supported(torch.zeros(1, 2, 8), 8, 2) and key_bias.supported(torch.zeros(1, 1, 8), 8, 2)
-    assert not key_bias.supported(torch.zeros(1, 8, 8), 8, 2)
+    from flexmask.lowering.layout import Layout
+    from flexmask.lowering.planner import key_bias_path
+    from flexmask.settings import Resolved
+
+    cuda = Layout(1, 8, 8, 8, torch.device("cuda"), kv_heads=2)  # a layout only: no GPU needed
+
+    def takes(heads, **options):
+        return key_bias_path(torch.zeros(1, heads, 8, requires_grad=True), cuda, Resolved().merged(options))
+
+    assert takes(2) and takes(1) and not takes(8)
+    assert not takes(2, key_bias_grad="flex")
+    assert not key_bias_path(torch.zeros(1, 2, 8), cuda, Resolved())  # no gradient wanted
+    assert not key_bias_path(
+        torch.zeros(1, 2, 8, requires_grad=True), Layout(1, 8, 8, 8, torch.device("cpu"), 2), Resolved()
+    )
 
 
 @pytest.mark.parametrize("which", ["block", "window"])
@@ -104,11 +129,9 @@ def test_fm_attention_routes_key_bias_gradients_through_the_closed_form(monkeypa
     """fm.attention (flex backend) takes the closed form for a key bias on its BlockMask path (DMA
     block selection, any structured mask); the result and all gradients match float64 autograd.
     (The token layout keeps flex's own bias gradient: the closed form measured slower there.)"""
-    import importlib
-
+    from flexmask import functional
     from flexmask.backends import flex
-
-    attention_module = importlib.import_module("flexmask.attention")  # the module, not fm.attention
+    from flexmask.lowering import planner
 
     used = []
 
@@ -116,20 +139,23 @@ def test_fm_attention_routes_key_bias_gradients_through_the_closed_form(monkeypa
         used.append(args[0].requires_grad)
         return run(*args)
 
-    monkeypatch.setattr(attention_module, "with_lse", counting_run)
+    monkeypatch.setattr(key_bias, "with_lse", counting_run)
     monkeypatch.setattr(flex, "with_lse", counting_run)
-    monkeypatch.setattr(attention_module, "_needs_grad", lambda *a: False)  # CPU flex guard: the stand-in trains
-    monkeypatch.setattr(key_bias, "applies", lambda bias, softcap, q, k: bias is not None and softcap is None)
+    monkeypatch.setattr(functional, "_needs_grad", lambda *a: False)  # CPU flex guard: the stand-in trains
+    monkeypatch.setattr(planner, "key_bias_path", lambda t, layout, options: True)  # as on CUDA
     gen = torch.Generator().manual_seed(7)
     B, Hq, Hkv, n, D = 2, 4, 2, 300, 16
     q, k, v = (torch.randn(B, h, n, D, generator=gen, dtype=torch.float64) for h in (Hq, Hkv, Hkv))
     s = torch.randn(B, Hkv, n, generator=gen, dtype=torch.float64)
     if which == "block":
+
         def make(x):
             return fm.topk_blocks(x, 2, block_size=128)
     else:
+
         def make(x):
             return fm.causal() & fm.sliding_window(70)
+
     ins = [x.clone().requires_grad_() for x in (q, k, v, s)]
     out = fm.attention(*ins[:3], mask=make(ins[3].detach()), bias=fm.key_bias(ins[3]), backend="flex")
     grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float64)

@@ -7,7 +7,6 @@ with numpy's ``&``, ``|``, ``~``; BlockMasks are decoded by the test's own loop.
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import numpy as np
@@ -18,8 +17,9 @@ from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import create_block_mask, create_mask, flex_attention
 
 import flexmask as fm
-from flexmask.attention import cached_block_mask
-from flexmask.blocks import Layout
+
+from ._lowering import Layout, block_mask_for
+from ._reference import ref_attention
 
 SETTINGS = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -451,17 +451,6 @@ def test_structural_builder_large_n_never_materialises_n_squared():
 # block masks run through torch's (eager) flex_attention
 
 
-def dense_attention(q, k, v, keep: torch.Tensor) -> torch.Tensor:
-    """float64 softmax attention with GQA; ``keep [B, 1|H, Q, KV]``; fully masked rows -> 0."""
-    g = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
-    s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    s = s.masked_fill(~keep, float("-inf"))
-    alive = keep.any(-1, keepdim=True)
-    p = torch.softmax(torch.where(alive, s, torch.zeros_like(s)), dim=-1)
-    return torch.where(alive, p, torch.zeros_like(p)) @ v
-
-
 FLEX_CASES = {
     "causal": ("causal",),
     "window_or_prefix": ("and", ("causal",), ("or", ("window", 9), ("prefix", 5))),
@@ -487,7 +476,7 @@ def test_block_mask_runs_in_eager_flex_attention(name, Q, KV, gen):
     k = torch.randn(B, Hkv, KV, D, generator=gen, dtype=torch.float64)
     v = torch.randn(B, Hkv, KV, D, generator=gen, dtype=torch.float64)
     out = run_eager_flex(q, k, v, m.block_mask(Q, KV, batch=B, block_size=16))
-    ref = dense_attention(q, k, v, torch.from_numpy(truth.copy())[:, None])
+    ref = ref_attention(q, k, v, keep=torch.from_numpy(truth.copy())[:, None])
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
 
@@ -501,7 +490,9 @@ def test_fully_masked_rows_in_eager_flex_attention(gen):
     out = run_eager_flex(q, k, v, m.block_mask(Q, KV, block_size=16))
     assert torch.equal(out[0], torch.zeros_like(out[0]))
     assert torch.equal(out[1, :, -1], torch.zeros_like(out[1, :, -1]))
-    torch.testing.assert_close(out, dense_attention(q, k, v, torch.from_numpy(truth)[:, None]), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        out, ref_attention(q, k, v, keep=torch.from_numpy(truth)[:, None]), rtol=1e-10, atol=1e-10
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -521,9 +512,9 @@ def test_repr_reads_like_the_expression():
 
 def test_structural_cache_reuses_block_masks():
     layout = Layout(1, 1, 300, 300, torch.device("cpu"))
-    a = cached_block_mask(fm.causal() & fm.sliding_window(64), layout)
-    b = cached_block_mask(fm.causal() & fm.sliding_window(64), layout)  # a new, equal expression
-    c = cached_block_mask(fm.causal() & fm.sliding_window(65), layout)
+    a = block_mask_for(fm.causal() & fm.sliding_window(64), layout)
+    b = block_mask_for(fm.causal() & fm.sliding_window(64), layout)  # a new, equal expression
+    c = block_mask_for(fm.causal() & fm.sliding_window(65), layout)
     assert a is b and a is not c
 
 
@@ -533,12 +524,12 @@ def test_cache_sees_in_place_updates_of_mask_tensors():
     ids = torch.zeros(1, N, dtype=torch.long)
     m = fm.document(ids)
     layout = Layout(1, 1, N, N, torch.device("cpu"))
-    first = cached_block_mask(m, layout, bs)
-    assert cached_block_mask(m, layout, bs) is first  # unchanged tensors: cached
+    first = block_mask_for(m, layout, bs)
+    assert block_mask_for(m, layout, bs) is first  # unchanged tensors: cached
     ids[:, N // 2 :] = 1  # two documents now
     i, j = positions(N, N)
     idn = ids[0].numpy()
-    check_block_mask(cached_block_mask(m, layout, bs), (idn[i] == idn[j])[None], bs)
+    check_block_mask(block_mask_for(m, layout, bs), (idn[i] == idn[j])[None], bs)
 
 
 def test_block_mask_index_tensors_are_contiguous():
@@ -548,19 +539,35 @@ def test_block_mask_index_tensors_are_contiguous():
     scores = torch.randn(1, 2, 300)
     for mask in (fm.causal() & fm.sliding_window(50), fm.causal() & fm.document(ids), fm.topk_blocks(scores, 1)):
         bm = mask.block_mask(300, 300, heads=2, block_size=64)
-        tensors = (bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
-                   bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices)
+        tensors = (
+            bm.kv_num_blocks,
+            bm.kv_indices,
+            bm.full_kv_num_blocks,
+            bm.full_kv_indices,
+            bm.q_num_blocks,
+            bm.q_indices,
+            bm.full_q_num_blocks,
+            bm.full_q_indices,
+        )
         assert all(t.is_contiguous() for t in tensors), repr(mask)
 
 
 @pytest.mark.parametrize("q_len", [700, 300])
 def test_block_index_tensors_batched_and_one_by_one_agree(monkeypatch, q_len):
     """Small block maps are ordered in one batch, large ones one by one: both give the same BlockMask."""
-    from flexmask import blocks
+    from flexmask.lowering import blocks
 
     scores = torch.randn(2, 4, 700)
-    names = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
-             "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
+    names = (
+        "kv_num_blocks",
+        "kv_indices",
+        "full_kv_num_blocks",
+        "full_kv_indices",
+        "q_num_blocks",
+        "q_indices",
+        "full_q_num_blocks",
+        "full_q_indices",
+    )
     for mask in (fm.topk_blocks(scores, 2, block_size=64), fm.causal() & fm.sliding_window(100)):
         batched = mask.block_mask(q_len, 700, batch=2, heads=4, block_size=64)
         monkeypatch.setattr(blocks, "_BATCH_LIMIT", 0)

@@ -1,4 +1,4 @@
-"""FlexAttention backend: one ``torch.compile``d ``flex_attention`` reused across calls.
+"""FlexAttention backend: one ``torch.compile``\\ d ``flex_attention`` reused across calls.
 
 Mask and score functions are closures with stable code that capture tensors, so new tensor
 contents (document ids, learned tables, top-k thresholds) reuse the compiled kernel.
@@ -6,12 +6,14 @@ contents (document ids, learned tables, top-k thresholds) reuse the compiled ker
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 import torch
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 
-_compiled: dict[tuple[str, bool], Callable] = {}
+from .._compat import raise_recompile_limit
+from ..lowering.cache import compiled, flag, set_flag
+from ..lowering.plan import Plan
 
 # Each mask/bias *structure* (and each shape, with static shapes) is one compiled entry of
 # flex_attention; torch's default limit of 8 entries is soon reached by a model or a benchmark that
@@ -22,10 +24,22 @@ RECOMPILE_LIMIT = 64
 
 # Some score_mods (e.g. a relative-position table, a dense tensor bias) make inductor's default
 # kernel configuration ask for more shared memory than a GPU has ("out of resource", seen on an
-# H100 with torch 2.11). Such calls are retried once with smaller tiles and remembered by `key`.
-SMALL_TILES = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32,
-               "num_stages": 1}
-_needs_small_tiles: set = set()
+# H100 with torch 2.11). Such calls are retried once with smaller tiles, and the call's structure
+# and shapes are remembered (in the one cache) so later calls start with them.
+SMALL_TILES = {
+    "BLOCK_M": 64,
+    "BLOCK_N": 64,
+    "BLOCK_M1": 32,
+    "BLOCK_N1": 64,
+    "BLOCK_M2": 64,
+    "BLOCK_N2": 32,
+    "num_stages": 1,
+}
+
+
+def run(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Run a ``"flex"`` plan: ``[B, Hq, Q, Dv]``."""
+    return flex(q, k, v, plan.score_mod, plan.block_mask, plan.scale, key=plan.describe)
 
 
 def compiled_flex(backend: str = "inductor", dynamic: bool = False) -> Callable:
@@ -38,11 +52,7 @@ def compiled_flex(backend: str = "inductor", dynamic: bool = False) -> Callable:
     A static ``q_len`` matters: with ``q_len`` symbolic, flex cannot pick its split-KV decoding
     kernel, and one query against 64k keys ran ~100× slower than SDPA (H100).
     """
-    if (backend, dynamic) not in _compiled:
-        _compiled[backend, dynamic] = torch.compile(
-            flex_attention, backend=backend, fullgraph=True, dynamic=None if dynamic else False
-        )
-    return _compiled[backend, dynamic]
+    return compiled(flex_attention, backend=backend, fullgraph=True, dynamic=None if dynamic else False)
 
 
 def flex(
@@ -55,7 +65,7 @@ def flex(
     *,
     compile_backend: str = "inductor",
     dynamic: bool | None = None,
-    key=None,
+    key: Hashable | Callable[[], Hashable] = None,
     return_lse: bool = False,
 ):
     """Run flex attention; inside an outer ``torch.compile`` the raw op is traced instead.
@@ -70,7 +80,9 @@ def flex(
         kwargs["return_aux"] = AuxRequest(lse=True)
     if torch.compiler.is_compiling():
         return _unpack(flex_attention(q, k, v, **kwargs))
-    _raise_recompile_limit()
+    if not flag("recompile_limit"):
+        raise_recompile_limit(RECOMPILE_LIMIT)
+        set_flag("recompile_limit")
     # Dynamic shapes only on CUDA: torch 2.13's CPU inductor flex kernel fails to build with them
     # (C++ codegen error `cur_kvSplitSize7`, or "unbacked_bindings" with captured tensors) for q_len < kv_len.
     if dynamic is None:
@@ -81,14 +93,14 @@ def flex(
         name = key() if callable(key) else key
         return (name, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, torch.is_grad_enabled())
 
-    if _needs_small_tiles and memo() in _needs_small_tiles:
+    if flag("small_tiles") and flag("small_tiles", memo()):
         kwargs["kernel_options"] = dict(SMALL_TILES)
     try:
         return _unpack(fn(q, k, v, **kwargs))
     except Exception as error:
         if "out of resource" not in str(error) or "kernel_options" in kwargs:
             raise
-    _needs_small_tiles.add(memo())
+    set_flag("small_tiles", memo())
     kwargs["kernel_options"] = dict(SMALL_TILES)
     return _unpack(fn(q, k, v, **kwargs))
 
@@ -102,22 +114,4 @@ def _unpack(result):
 
 def with_lse(q, k, v, score_mod, block_mask, scale, *, compile_backend: str = "inductor"):
     """``(out, lse)`` of a training-shaped flex call (static shapes); see :func:`flex`."""
-    return flex(q, k, v, score_mod, block_mask, scale, compile_backend=compile_backend, dynamic=False,
-                return_lse=True)
-
-
-_limit_raised = False
-
-
-def _raise_recompile_limit() -> None:
-    """Raise dynamo's recompile limits to at least :data:`RECOMPILE_LIMIT` (process-wide, once:
-    patching the config around every call costs more host time than a short kernel takes)."""
-    global _limit_raised
-    if _limit_raised:
-        return
-    _limit_raised = True
-    config = torch._dynamo.config
-    if config.recompile_limit < RECOMPILE_LIMIT:
-        config.recompile_limit = RECOMPILE_LIMIT
-    if config.accumulated_recompile_limit < config.recompile_limit:
-        config.accumulated_recompile_limit = config.recompile_limit
+    return flex(q, k, v, score_mod, block_mask, scale, compile_backend=compile_backend, dynamic=False, return_lse=True)

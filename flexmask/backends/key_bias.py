@@ -14,78 +14,81 @@ transposed ``BlockMask``), scores ``s_ij + t_j − lse_i``, values ``Δ``. It re
 ``Σ_i P_ij Δ_i / Σ_i P_ij`` and ``log Σ_i P_ij``, whose product is the sum (rounded to bf16 like
 ``dV`` is).
 
-Block top-k (partial blocks causal, blocks of 128, CUDA, fp16/bf16) takes faster routes: the
-fused backward of :mod:`.fused_bwd` (``dq, dk, dv, dt`` in one kernel, the default), or with it
-switched off, flex's backward plus the query-side kernel of :mod:`.key_mass` for the sum.
-
-Measured on an H100 at N = 32k (Hq 16, Hkv 8, D 128), DMA block selection fwd+bwd: 10.55 ms with
-flex's atomics, 8.86 ms with the transposed pass, 8.05 ms with the query-side kernel, 7.29 ms with
-the fused backward. Over the token layout's 129k key copies the transposed pass was slower than
-the atomics (17.1 vs 14.3 ms), so the layout does not use the closed form.
+Masks whose partial blocks are causal (``fm.topk_blocks``, ``fm.causal``; blocks of 128, CUDA,
+fp16/bf16) take faster routes: the fused backward of :mod:`.triton.fused_bwd` (``dq, dk, dv, dt``
+in one kernel), or flex's backward plus the query-side kernel of :mod:`.triton.key_mass` for the
+sum. The option ``key_bias_grad`` chooses (``"auto"``: the first that applies, in that order).
+The token layout keeps flex's own gradient: over its key copies the closed form was slower than
+flex's atomics (``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
-from ..bias import KeyBias, key_term
-from . import fused_bwd, key_mass
+from ..algebra.bias import key_term
+from ..lowering.plan import Plan
+from ..settings import Resolved
+from .flex import with_lse
+from .triton import fused_bwd, key_mass
 
 VALUE_WIDTH = 16  # the narrowest value head flex compiles
 
-# Set to False to let flex's backward compute key-bias gradients itself (atomics).
-ENABLED = True
 
-
-def supported(t: torch.Tensor, hq: int, hkv: int) -> bool:
-    """Whether a key bias ``t`` ``[B|1, Hs, KV]`` can take this path: ``Hs`` is 1 or ``Hkv``
-    (or ``Hq == Hkv``), since ``dV`` is summed over each query-head group."""
-    return t.shape[1] in (1, hkv)
-
-
-def applies(bias, softcap, q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether an ``fm.attention`` call on the flex backend should take this path: the bias is one
-    ``fm.key_bias`` whose tensor needs a gradient, no softcap, CUDA, eager (under an outer
-    ``torch.compile`` the autograd function is not traced; flex's own gradient is used)."""
-    return (
-        ENABLED
-        and isinstance(bias, KeyBias)
-        and softcap is None
-        and q.is_cuda
-        and torch.is_grad_enabled()
-        and bias.t.requires_grad
-        and not torch.compiler.is_compiling()
-        and supported(bias.t, q.shape[1], k.shape[1])
+def run(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Run a ``"key_bias"`` plan (see :func:`attention`)."""
+    return attention(
+        q,
+        k,
+        v,
+        plan.key_bias,
+        plan.block_mask,
+        plan.scale,
+        with_lse,
+        options=plan.options,
+        causal_partial=plan.causal_partial,
     )
 
 
 def attention(
-    q, k, v, t, block_mask: BlockMask | None, scale: float, run, causal_partial: bool = False
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    t: torch.Tensor,
+    block_mask: BlockMask | None,
+    scale: float,
+    run: Callable,
+    *,
+    options: Resolved | None = None,
+    causal_partial: bool = False,
 ) -> torch.Tensor:
-    """``softmax(scale · q kᵀ + t[b, h // g, j]) v`` under ``block_mask``.
+    """``softmax(scale · q kᵀ + t[b, h // g, j]) v`` under ``block_mask``, with ``t``'s gradient in closed form.
 
     Args:
         q, k, v: ``[B, Hq, Q, D]``, ``[B, Hkv, KV, D]``, ``[B, Hkv, KV, Dv]``.
         t: ``[B|1, Hs, KV]`` with ``Hs`` 1 or ``Hkv``.
         run: ``run(q, k, v, score_mod, block_mask, scale)`` → ``(out, lse)``, the flex call
             (natural-log ``lse`` ``[B, Hq, Q]``); differentiable in ``q, k, v``.
-        causal_partial: the mask's partial blocks are exactly causal (``fm.topk_blocks``), so
-            ``Σ_i P_ij Δ_i`` may come from the query-side kernel (:mod:`.key_mass`).
+        options: ``key_bias_grad``, ``split_below``, ``split_chunk`` (default: the defaults).
+        causal_partial: the mask's partial blocks are exactly causal, so the Triton kernels apply.
     """
-    return _KeyBiasAttention.apply(q, k, v, t, block_mask, scale, run, causal_partial)
+    options = Resolved() if options is None else options
+    return _KeyBiasAttention.apply(q, k, v, t, block_mask, scale, run, options, causal_partial)
 
 
 class _KeyBiasAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, t, block_mask, scale, run, causal_partial):
+    def forward(ctx, q, k, v, t, block_mask, scale, run, options, causal_partial):
         inner = [x.detach().requires_grad_(True) for x in (q, k, v)]
         t_ = t.detach()
         with torch.enable_grad():
             out, lse = run(*inner, _key_bias_mod(t_, q.shape[1]), block_mask, scale)
         ctx.graph = (out, inner)
         ctx.lse, ctx.t, ctx.block_mask, ctx.scale, ctx.run = lse.detach(), t_, block_mask, scale, run
-        ctx.causal_partial = causal_partial
+        ctx.options, ctx.causal_partial = options, causal_partial
         ctx.t_shape, ctx.t_dtype = t.shape, t.dtype
         return out.detach()
 
@@ -94,21 +97,48 @@ class _KeyBiasAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         out, inner = ctx.graph
         q, k, v = inner
-        if ctx.causal_partial and fused_bwd.supported(q, k, ctx.block_mask):  # all four in two kernels
-            dq, dk, dv, dt = fused_bwd.backward(q.detach(), k.detach(), v.detach(), out.detach(), grad_out,
-                                                ctx.lse, ctx.t, ctx.block_mask, ctx.scale)
+        choice = ctx.options.key_bias_grad
+        causal = ctx.causal_partial
+        if causal and choice in ("auto", "fused") and fused_bwd.supported(q, k, ctx.block_mask):
+            opts = ctx.options  # all four gradients in one kernel
+            dq, dk, dv, dt = fused_bwd.backward(
+                q.detach(),
+                k.detach(),
+                v.detach(),
+                out.detach(),
+                grad_out,
+                ctx.lse,
+                ctx.t,
+                ctx.block_mask,
+                ctx.scale,
+                opts.split_below,
+                opts.split_chunk,
+            )
             ctx.graph = None
             dt = dt.to(ctx.t_dtype) if ctx.needs_input_grad[3] else None
-            return dq, dk, dv, dt, None, None, None, None
+            return dq, dk, dv, dt, None, None, None, None, None
         dq, dk, dv = torch.autograd.grad(out, inner, grad_out)
         dt = None
         if ctx.needs_input_grad[3]:
-            dt = _bias_grad(q.detach(), k.detach(), v.detach(), out.detach(), grad_out, ctx.lse, ctx.t, dv,
-                            ctx.block_mask, ctx.scale, ctx.run, ctx.causal_partial)
+            query_side = causal and choice != "transposed"
+            dt = _bias_grad(
+                q.detach(),
+                k.detach(),
+                v.detach(),
+                out.detach(),
+                grad_out,
+                ctx.lse,
+                ctx.t,
+                dv,
+                ctx.block_mask,
+                ctx.scale,
+                ctx.run,
+                query_side,
+            )
             dt = dt.sum(0, keepdim=True) if ctx.t_shape[0] == 1 else dt
             dt = dt.to(ctx.t_dtype)
         ctx.graph = None
-        return dq, dk, dv, dt, None, None, None, None
+        return dq, dk, dv, dt, None, None, None, None, None
 
 
 def _key_bias_mod(t: torch.Tensor, hq: int):
@@ -120,7 +150,7 @@ def _key_bias_mod(t: torch.Tensor, hq: int):
     return key_bias
 
 
-def _bias_grad(q, k, v, out, grad_out, lse, t, dv, block_mask, scale, run, causal_partial=False) -> torch.Tensor:
+def _bias_grad(q, k, v, out, grad_out, lse, t, dv, block_mask, scale, run, query_side=False) -> torch.Tensor:
     """``dt`` ``[B, Hs, KV]`` (float32, float64 for float64 inputs) from the closed form in the module docstring."""
     B, hq, n, _ = q.shape
     hkv, kv = k.shape[1], k.shape[2]
@@ -129,7 +159,7 @@ def _bias_grad(q, k, v, out, grad_out, lse, t, dv, block_mask, scale, run, causa
     # products in the inputs' dtype, sums in float32
     delta = torch.mul(grad_out, out).sum(-1, dtype=acc)  # [B, Hq, Q]
     first = torch.mul(v, dv).sum(-1, dtype=acc)  # v_j · dV_j, dV summed over each query group [B, Hkv, KV]
-    if causal_partial and n == kv and key_mass.supported(q, block_mask):
+    if query_side and n == kv and key_mass.supported(q, block_mask):
         mass = key_mass.key_mass(q, k, t, lse, delta, block_mask, scale)  # Σ_i P_ij Δ_i  [B, Hq, KV]
         return first.view(B, hs, hkv // hs, kv).sum(2) - mass.view(B, hs, hq // hs, kv).sum(2)
     values = torch.zeros(B, hq, n, VALUE_WIDTH, dtype=q.dtype, device=q.device)

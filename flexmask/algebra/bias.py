@@ -4,7 +4,7 @@ A bias adds ``term(b, h, i, j)`` to the scaled score of query ``i`` and key ``j`
 positions, as in :mod:`flexmask.masks`). Learnable tables and tensors may require grad: the
 gradient reaches them through FlexAttention on GPU and through the reference path on CPU.
 
-Example:
+Examples:
     >>> import torch, flexmask as fm
     >>> b = fm.alibi(4) + fm.head_bias(torch.zeros(4))
     >>> b
@@ -18,7 +18,8 @@ from collections.abc import Callable
 
 import torch
 
-from .blocks import Layout
+from ..lowering.layout import Layout
+from ._checks import positive_int, real_tensor
 
 TermFn = Callable[..., torch.Tensor]
 
@@ -35,6 +36,15 @@ class Bias:
 
     def _parts(self) -> tuple[Bias, ...]:
         return (self,)
+
+    def _key_bias(self) -> torch.Tensor | None:
+        """The tensor ``t`` if this bias is exactly one per-key bias (``fm.key_bias(t)``), else ``None``:
+        backends compute its gradient in closed form."""
+        return None
+
+    def _cache_fields(self) -> tuple:
+        """The constructor data that defines the bias."""
+        return tuple(vars(self).values())
 
     def __radd__(self, other):
         if isinstance(other, int) and other == 0:  # so that sum([b1, b2, ...]) works
@@ -63,9 +73,7 @@ class Bias:
 
 class Alibi(Bias):
     def __init__(self, num_heads: int):
-        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
-            raise ValueError(f"alibi num_heads must be a positive int, got {num_heads!r}")
-        self.num_heads = num_heads
+        self.num_heads = positive_int("alibi num_heads", num_heads)
 
     def slopes(self, device=None) -> torch.Tensor:
         """``2^(-8 (h+1) / num_heads)`` for each head ``h``: a float32 tensor ``[num_heads]``."""
@@ -138,8 +146,8 @@ class RelativeBias(Bias):
                 f"relative_bias table needs at least {min_buckets} buckets, got shape {tuple(table.shape)}"
             )
         exact = table.shape[1] // (4 if bidirectional else 2)
-        if isinstance(max_distance, bool) or not isinstance(max_distance, int) or max_distance <= exact:
-            raise ValueError(f"relative_bias max_distance must be an int > {exact}, got {max_distance!r}")
+        if isinstance(max_distance, bool) or not isinstance(max_distance, int) or not exact < max_distance < 1 << 31:
+            raise ValueError(f"relative_bias max_distance must be an int in ({exact}, 2**31), got {max_distance!r}")
         self.table, self.max_distance, self.bidirectional = table, max_distance, bidirectional
 
     def _term(self, layout):
@@ -166,6 +174,9 @@ class KeyBias(Bias):
     def __init__(self, t: torch.Tensor):
         _check_tensor("key_bias", t, 3, "[batch, heads, kv_len]")
         self.t = t
+
+    def _key_bias(self):
+        return self.t
 
     def _term(self, layout):
         return key_term(self.t, layout.heads)
@@ -205,12 +216,12 @@ class TensorBias(Bias):
     def __init__(self, t: torch.Tensor):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"tensor_bias expects a tensor, got {type(t).__name__}")
-        if not t.dtype.is_floating_point or not 1 <= t.dim() <= 4:
+        if not t.dtype.is_floating_point or not 1 <= t.dim() <= 4 or 0 in t.shape:
             raise ValueError(
-                "tensor_bias expects a floating tensor broadcastable to [batch, heads, q_len, kv_len], "
+                "tensor_bias expects a non-empty floating tensor broadcastable to [batch, heads, q_len, kv_len], "
                 f"got dtype {t.dtype} and shape {tuple(t.shape)}"
             )
-        self.t = t
+        self.t = real_tensor("tensor_bias", t)
 
     def _term(self, layout):
         t = self.t.reshape((1,) * (4 - self.t.dim()) + tuple(self.t.shape))
@@ -218,7 +229,7 @@ class TensorBias(Bias):
         # term also works as a standalone score_mod, whose layout does not know the call's sizes.
         dims = tuple(d for d in range(4) if t.shape[d] > 1)
         t = t[tuple(slice(None) if d in dims else 0 for d in range(4))]
-        offset = torch.full((1,), layout.offset, device=layout.device)  # see blocks.shift_queries
+        offset = torch.full((1,), layout.offset, device=layout.device)  # see lowering.layout.shift_queries
 
         def tensor_bias(b, h, q_idx, kv_idx):
             idx = (b, h, q_idx - offset[0], kv_idx)
@@ -277,7 +288,7 @@ class BiasSum(Bias):
 def alibi(num_heads: int) -> Bias:
     """ALiBi: adds ``slope_h · (j − i)`` with ``slope_h = 2^(−8 (h+1) / num_heads)``.
 
-    Example:
+    Examples:
         >>> import flexmask as fm
         >>> fm.alibi(8).slopes()[:2]
         tensor([0.5000, 0.2500])
@@ -313,15 +324,15 @@ def key_bias(t: torch.Tensor) -> Bias:
     """A per-key content bias: adds ``t[b, h, j]`` to every query's score of key ``j``.
 
     Its gradient reaches ``t``. On CUDA, when it is the call's only bias and ``H`` is 1 or the KV
-    heads, ``fm.attention`` computes that gradient in closed form (``v_j · dV_j`` minus one
-    transposed flex pass) instead of FlexAttention's atomic accumulation, except for a lone
-    ``fm.topk`` mask, whose key layout keeps flex's own gradient (measured faster there).
+    heads, ``fm.attention`` computes that gradient without FlexAttention's atomic accumulation
+    (option ``key_bias_grad``), except for a lone ``fm.topk`` mask, whose key layout keeps flex's
+    own gradient (measured faster there).
 
     Args:
         t: ``[B or 1, H, kv_len]`` with ``H`` one of 1, the KV heads or the query heads (a KV head's
             value is shared by its query-head group). May require grad.
 
-    Example:
+    Examples:
         >>> import torch, flexmask as fm
         >>> q = k = v = torch.randn(1, 2, 6, 8)
         >>> t = torch.zeros(1, 2, 6, requires_grad=True)
@@ -349,6 +360,9 @@ def _check_tensor(name: str, t, dim: int, shape: str) -> None:
         raise TypeError(f"{name} must be a tensor {shape}, got {type(t).__name__}")
     if t.dim() != dim or not t.dtype.is_floating_point:
         raise ValueError(f"{name} must be a floating tensor {shape}, got dtype {t.dtype} and shape {tuple(t.shape)}")
+    if 0 in t.shape:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
+    real_tensor(name, t)
 
 
 def _check_device(name: str, t: torch.Tensor, layout: Layout) -> None:

@@ -1,4 +1,4 @@
-"""A key layout that makes exact token-level DMA skip work in FlexAttention.
+"""The key layout that makes exact token-level top-k (``fm.topk``) skip work in FlexAttention.
 
 With scattered scores almost every causal (query block, key block) pair holds a few kept keys,
 so plain flex evaluates the mask nearly everywhere. Here the keys are *copied* into a layout where
@@ -19,12 +19,19 @@ Memory: ``O(N log N)`` integers and the copied keys and values (dead keys are no
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+from torch.nn.attention.flex_attention import BlockMask
 
-from ..blocks import CudaGraphed, _block_tensors, block_mask_from_tensors, compiled_on_cuda
+from .blocks import block_mask_from_tensors, block_tensors
+from .cache import compiled_on_cuda
+from .graphs import CudaGraphed
+from .layout import BLOCK, Layout
+from .selection import key_candidates, topk_ends
 
 
-def plan(ends: torch.Tensor, block: int, keep: int) -> dict[str, torch.Tensor | int]:
+def layout_plan(ends: torch.Tensor, block: int, keep: int) -> dict[str, torch.Tensor | int]:
     """The layout for interval ends ``ends`` [R, N] (int64) of a top-``keep`` selection.
 
     Returns ``orig``, ``serve_lo``, ``serve_hi`` (``[R, M]`` int64: the key each layout entry
@@ -101,7 +108,7 @@ def plan(ends: torch.Tensor, block: int, keep: int) -> dict[str, torch.Tensor | 
 
 
 # its shapes depend on N, block and keep only
-_plan_fused = compiled_on_cuda(plan)
+_plan_fused = compiled_on_cuda(layout_plan)
 
 
 def _level_capacity(n: int, block: int, level: int, keep: int) -> int:
@@ -122,80 +129,31 @@ def _mark(diff: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
     diff.scatter_add_(-1, hi[..., None], -one[..., None])
 
 
-# Set to False to run token-level top-k masks through the plain interval BlockMask instead.
-ENABLED = True
-BLOCK = 128
+class TokenLayout(NamedTuple):
+    """A lowered lone ``fm.topk`` mask: the key layout and its BlockMask.
 
-
-def applies(mask, bias, softcap, layout, k: torch.Tensor) -> bool:
-    """Whether ``fm.attention`` can run this call through the layout: a lone ``fm.topk`` mask
-    (no ``among``), self-attention (``q_len == kv_len``), scores per KV head (or one head), and
-    no bias other than one ``fm.key_bias`` with the scores' shape."""
-    from ..bias import KeyBias
-    from ..dma import TopK
-
-    if not ENABLED or type(mask) is not TopK or mask.among is not None or softcap is not None:
-        return False
-    hs = mask.scores.shape[1]
-    if layout.q_len != layout.kv_len or hs not in (1, k.shape[1]):
-        return False
-    return bias is None or (isinstance(bias, KeyBias) and bias.t.shape[1:] == mask.scores.shape[1:])
-
-
-def prepare(mask, layout) -> dict:
-    """The layout state of a lone ``fm.topk`` mask (interval ends, plan, BlockMask), built once per
-    mask object and reused by :func:`layout_attention`; what a training step pays for new scores."""
-    return mask.cached(("layout", BLOCK, layout.heads), layout, lambda: _prepare(mask, layout))
-
-
-def layout_attention(q, k, v, mask, bias, scale: float, layout) -> torch.Tensor:
-    """Exact DMA attention through the layout (see :func:`applies`). Returns ``[B, Hq, N, Dv]``."""
-    from ..bias import key_term
-    from .flex import flex
-
-    B, Hq, n, _ = q.shape
-    Hkv = k.shape[1]
-    state = prepare(mask, layout)
-    index = state["index"]
-    m = index.shape[-1]
-    rows = state.get(("rows", Hkv))
-    if rows is None:  # flat row of each layout entry in a [B * Hkv * N, D] view of k or v
-        base = torch.arange(B * Hkv, device=index.device).view(B, Hkv, 1) * n
-        rows = state[("rows", Hkv)] = (index.expand(B, Hkv, m) + base).reshape(-1)
-
-    def copy(x):  # rows of x in layout order: one row gather (backward: one index_add)
-        # (a copy-by-copy, non-atomic backward measured 9% slower per step at 32k on an H100)
-        return x.reshape(B * Hkv * n, x.shape[-1]).index_select(0, rows).view(B, Hkv, m, x.shape[-1])
-
-    score_mod = None
-    if bias is not None:
-        bias_lay = bias.t.expand(B, *bias.t.shape[1:]).gather(2, index.expand(B, bias.t.shape[1], -1))
-        term = key_term(bias_lay, Hq)
-
-        def key_bias_layout(score, b, h, q_idx, kv_idx):
-            return score + term(b, h, q_idx, kv_idx)
-
-        score_mod = key_bias_layout
-    # the layout's key length differs from q_len, but its shapes are fixed: keep static kernels
-    return flex(q, copy(k), copy(v), score_mod, state["block_mask"], scale, dynamic=False)
-
-
-def _prepare(mask, layout) -> dict:
-    """Everything about the layout that depends on the scores only (cached per mask).
-
-    On CUDA (eager) the computation is replayed from a CUDA graph (``flexmask.blocks.CudaGraphed``):
-    it is a few dozen kernels (interval ends, the plan's sorts and searches, the BlockMask's index
-    tensors) whose launches otherwise cost more host time than the GPU spends on them.
+    Attributes:
+        index: ``[B, Hs, M]`` int64, the original key position each layout entry copies.
+        rows: ``[B · Hkv · M]`` int64, the flat row of each entry in a ``[B · Hkv · N, D]`` view of ``k``/``v``.
+        block_mask: the BlockMask over the layout (``N`` queries, ``M`` layout keys), with its ``mask_mod``.
     """
-    build = _graphed_tensors if GRAPHED_BUILD else _layout_tensors
-    orig, ends_lay, lo, hi, *block_tensors = build(mask.scores.detach().to(layout.device), key=(mask.k, layout))
+
+    index: torch.Tensor
+    rows: torch.Tensor
+    block_mask: BlockMask
+
+
+def token_layout(scores: torch.Tensor, k: int, layout: Layout, graphed: bool) -> TokenLayout:
+    """The :class:`TokenLayout` of ``fm.topk(scores, k)`` (no ``among``) for a self-attention ``layout``
+    with ``layout.kv_heads`` known. ``graphed``: replay the build from a CUDA graph (on CUDA)."""
+    build = _graphed_layout_tensors if graphed else _layout_tensors
+    orig, ends_lay, lo, hi, *tensors = build(scores.detach().to(layout.device), key=(k, layout))
     B, hs, m = orig.shape
     group = layout.heads // hs
-    block = BLOCK
 
     def dma_layout(b, h, q_idx, kv_idx):
         hh = h // group
-        qb = q_idx // block
+        qb = q_idx // BLOCK
         return (
             (qb >= lo[b, hh, kv_idx])
             & (qb < hi[b, hh, kv_idx])
@@ -203,21 +161,20 @@ def _prepare(mask, layout) -> dict:
             & (q_idx < ends_lay[b, hh, kv_idx])
         )
 
-    n = layout.kv_len
-    return {
-        "index": orig.long(),
-        "block_mask": block_mask_from_tensors(block_tensors, dma_layout, n, m, BLOCK),
-    }
+    n, hkv = layout.kv_len, layout.kv_heads
+    index = orig.long()
+    base = torch.arange(B * hkv, device=index.device).view(B, hkv, 1) * n
+    rows = (index.expand(B, hkv, m) + base).reshape(-1)
+    return TokenLayout(index, rows, block_mask_from_tensors(tensors, dma_layout, n, m, BLOCK))
 
 
 def _layout_tensors(scores: torch.Tensor, key: tuple) -> tuple[torch.Tensor, ...]:
     """For ``topk(scores, k)`` over ``layout``, all int32: the key each layout entry copies, its
     interval end, the query blocks it serves (``[B, Hs, M]`` each) and the BlockMask's eight index
     tensors over the layout."""
-    from ..dma import TopK
-
     k, layout = key
-    ends = TopK(scores, k).interval_ends(layout)
+    s, _ = key_candidates(scores, layout)
+    ends = topk_ends(s, None, k, layout.q_len)
     B, hs, n = ends.shape
     p = _plan_fused(ends.reshape(B * hs, n).long(), BLOCK, k)
     m = p["length"]
@@ -227,13 +184,11 @@ def _layout_tensors(scores: torch.Tensor, key: tuple) -> tuple[torch.Tensor, ...
     nq, nkb = p["any_"].shape[-2:]
     any_ = p["any_"].view(B, hs, nq, nkb)
     all_ = p["all_"].view(B, hs, nq, nkb) & any_
-    block_tensors = _block_tensors(any_, all_)
+    tensors = block_tensors(any_, all_)
     repeat = layout.heads // hs if hs > 1 else 1  # one score head stays one BlockMask head (broadcast)
     if repeat > 1:
-        block_tensors = [t.repeat_interleave(repeat, 1) for t in block_tensors]
-    return tuple(t.to(torch.int32) for t in (orig, ends_lay, lo, hi, *block_tensors))
+        tensors = [t.repeat_interleave(repeat, 1) for t in tensors]
+    return tuple(t.to(torch.int32) for t in (orig, ends_lay, lo, hi, *tensors))
 
 
-# Set to False to build the layout eagerly (kernel by kernel) on CUDA too.
-GRAPHED_BUILD = True
-_graphed_tensors = CudaGraphed(_layout_tensors)
+_graphed_layout_tensors = CudaGraphed(_layout_tensors)

@@ -9,7 +9,9 @@ Each mask lowers two ways:
 * to a FlexAttention ``mask_mod`` ``(b, h, q_idx, kv_idx) -> bool`` (``Mask.mask_mod``), and
 * to a ``BlockMask`` built from its structure (``Mask.block_mask``), with no ``N × N`` tensor.
 
-Example:
+Masks are immutable values: they hold their constructor data and nothing derived from calls.
+
+Examples:
     >>> import flexmask as fm
     >>> m = fm.causal() & (fm.sliding_window(4) | fm.prefix_lm(2))
     >>> m
@@ -25,39 +27,47 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
-from .blocks import (
-    BlockRanges,
-    Layout,
-    ModFn,
-    build_block_mask,
-    per_block_min_max,
-    shift_queries,
-    states_from_block_mask,
+from .._compat import compiled_create_block_mask
+from ..lowering.blocks import build_block_mask, states_from_block_mask
+from ..lowering.dense import classify_densely, evaluate
+from ..lowering.layout import BLOCK, BlockRanges, Layout, Lowering, ModFn, Offers, per_block_min_max, shift_queries
+from ..settings import options_in_effect
+from ._checks import (
+    MAX_SIZE,
+    batch_expand,
+    check_batch,
+    lengths_tensor,
+    merge_dim,
+    nonnegative_int,
+    positive_int,
+    real_tensor,
 )
 
 BlockStates = tuple[torch.Tensor, torch.Tensor]
 
-# Evaluating a mask densely (custom masks, `to_dense`) works on slices of at most this many
-# booleans, so memory stays bounded whatever the sequence length.
-DENSE_CHUNK_ELEMENTS = 1 << 26
-
 
 class Mask:
-    """Base class of every flexmask mask. Combine masks with ``&``, ``|`` and ``~``."""
+    """Base class of every flexmask mask. Combine masks with ``&``, ``|`` and ``~``.
+
+    What a mask type provides to the lowering (see :mod:`flexmask.lowering`): ``_mask_mod`` (its
+    rule at absolute positions), ``_classify`` (its block maps), ``_check`` (its tensors against a
+    call's shapes), ``_dims``/``_length`` (what its tensors fix), ``_offers`` (extra lowerings) and
+    ``_cache_fields`` (its constructor data, for cache keys).
+    """
 
     _precedence = 4
 
     # -- what subclasses provide ---------------------------------------------------------------
-    def _mask_mod(self, layout: Layout) -> ModFn:
-        """A ``(b, h, q_idx, kv_idx) -> bool`` function of absolute positions for ``layout``."""
+    def _mask_mod(self, low: Lowering) -> ModFn:
+        """A ``(b, h, q_idx, kv_idx) -> bool`` function of absolute positions for ``low.layout``."""
         raise NotImplementedError
 
-    def _classify(self, layout: Layout, qr: BlockRanges, kr: BlockRanges) -> BlockStates:
+    def _classify(self, low: Lowering, qr: BlockRanges, kr: BlockRanges) -> BlockStates:
         """``(any, all)`` boolean maps broadcastable to ``[B, H, num_q_blocks, num_kv_blocks]``."""
         raise NotImplementedError
 
@@ -68,16 +78,29 @@ class Mask:
         """(batch, heads) fixed by the mask's own tensors, ``None`` where it broadcasts."""
         return None, None
 
-    def _key(self) -> Hashable | None:
-        """A hashable description of the mask when it holds no tensor (for caching), else None."""
+    def _length(self) -> int | None:
+        """The key length fixed by the mask's own tensors (one entry per key), else ``None``."""
         return None
 
-    def _replayed_block_mask(self, layout: Layout, block_size: int):
-        """A ``BlockMask`` from a captured CUDA graph, for masks that have one (else None)."""
+    def _offers(self, low: Lowering) -> Offers:
+        """What this mask's lowering offers beyond a ``mask_mod`` and block maps."""
+        return Offers.NONE
+
+    def _gather_factor(self) -> Mask | None:
+        """A content mask this mask is the intersection of (itself, or a factor of a top-level ``&``)
+        whose decoding selection can be gathered (:class:`~flexmask.lowering.layout.Offers`)."""
         return None
+
+    def _needs_lengths(self) -> bool:
+        """Whether its ``mask_mod`` depends on the call's lengths beyond what its tensors fix."""
+        return any(child._needs_lengths() for child in self._children())
 
     def _children(self) -> tuple[Mask, ...]:
         return ()
+
+    def _cache_fields(self) -> tuple:
+        """The constructor data that defines the mask (tensors, numbers, functions, child masks)."""
+        return tuple(vars(self).values())
 
     # -- the algebra -------------------------------------------------------------------------
     def __and__(self, other: Mask) -> Mask:
@@ -105,21 +128,39 @@ class Mask:
     # -- lowering ----------------------------------------------------------------------------
     @property
     def mask_mod(self) -> ModFn:
-        """The FlexAttention ``mask_mod`` ``(b, h, q_idx, kv_idx) -> bool`` (absolute positions)."""
+        """The FlexAttention ``mask_mod`` ``(b, h, q_idx, kv_idx) -> bool`` at absolute positions.
+
+        It is exact for any query and key position the mask's tensors cover. Head ``h`` reads the
+        mask's own head ``h`` (for a content mask with ``Hs`` score heads under GQA, use
+        ``mask.block_mask(q_len, kv_len, heads=Hq).mask_mod``, whose positions are call-local).
+
+        Examples:
+            >>> import torch, flexmask as fm
+            >>> fm.sliding_window(2).mask_mod(0, 0, torch.tensor(5), torch.tensor(3))
+            tensor(False)
+        """
+        if self._needs_lengths():
+            raise ValueError(
+                f"the mask_mod of {self!r} depends on the call's lengths; use "
+                "mask.block_mask(q_len, kv_len, heads=H).mask_mod (call-local query positions)"
+            )
         batch, heads = self._dims()
-        return self._mask_mod(Layout(batch or 1, heads or 1, 1, 1, _device_of(self, None)))
+        n = self._length() or 1
+        layout = Layout(batch or 1, heads or 1, n, n, _device_of(self, None))
+        self._check(layout)
+        return self._mask_mod(Lowering(layout, options_in_effect()))
 
     def _layout(self, q_len, kv_len, batch, heads, device) -> Layout:
-        q_len = _positive_int("q_len", q_len)
-        kv_len = _positive_int("kv_len", kv_len)
+        q_len = positive_int("q_len", q_len)
+        kv_len = positive_int("kv_len", kv_len)
         if q_len > kv_len:
             raise ValueError(
                 f"q_len={q_len} is larger than kv_len={kv_len}; queries are the last q_len "
                 "of the kv_len positions, so q_len must be <= kv_len"
             )
         own_batch, own_heads = self._dims()
-        batch = (own_batch or 1) if batch is None else _positive_int("batch", batch)
-        heads = (own_heads or 1) if heads is None else _positive_int("heads", heads)
+        batch = (own_batch or 1) if batch is None else positive_int("batch", batch)
+        heads = (own_heads or 1) if heads is None else positive_int("heads", heads)
         layout = Layout(batch, heads, q_len, kv_len, _device_of(self, device))
         self._check(layout)
         return layout
@@ -138,13 +179,13 @@ class Mask:
         This is the dense path (``O(q_len · kv_len)`` memory); use it for checks and pictures.
         ``batch``/``heads`` default to those of the mask's own tensors, else 1.
 
-        Example:
+        Examples:
             >>> import flexmask as fm
             >>> fm.sliding_window(2).to_dense(3, 3).shape
             torch.Size([1, 1, 3, 3])
         """
         layout = self._layout(q_len, kv_len, batch, heads, device)
-        return evaluate(self._mask_mod(layout), layout)
+        return evaluate(self._mask_mod(Lowering(layout, options_in_effect())), layout)
 
     def block_mask(
         self,
@@ -154,42 +195,25 @@ class Mask:
         batch: int | None = None,
         heads: int | None = None,
         device: torch.device | str | None = None,
-        block_size: int = 128,
+        block_size: int = BLOCK,
     ) -> BlockMask:
         """A FlexAttention ``BlockMask`` built from the mask's structure (no ``N²`` tensor).
 
-        Its batch and head dimensions are 1 where the mask does not depend on them.
+        Its batch and head dimensions are 1 where the mask does not depend on them; its
+        ``mask_mod`` takes call-local query positions (``0 .. q_len - 1``), as FlexAttention calls it.
 
-        Example:
+        Examples:
             >>> import flexmask as fm
             >>> bm = fm.causal().block_mask(256, 256, block_size=128)
             >>> bm.kv_num_blocks.shape, bm.full_kv_num_blocks.flatten().tolist()
             (torch.Size([1, 1, 2]), [0, 1])
         """
-        block_size = _positive_int("block_size", block_size)
+        block_size = positive_int("block_size", block_size)
         layout = self._layout(q_len, kv_len, batch, heads, device)
-        return build_block_mask(self, layout, block_size)
+        return build_block_mask(self, Lowering(layout, options_in_effect()), block_size)
 
     def __repr__(self) -> str:  # pragma: no cover - every subclass has its own
         return type(self).__name__ + "()"
-
-
-def evaluate(mod: ModFn, layout: Layout, rows: slice | None = None) -> torch.Tensor:
-    """Evaluate a mask function of absolute positions on a dense grid ``[B, H, Q, KV]``.
-
-    Index tensors broadcast (``b`` is ``[B,1,1,1]``, ``kv`` is ``[1,1,1,KV]``, ...), so any
-    ``mask_mod`` written with elementwise tensor operations and indexing works unchanged.
-    """
-    dev = layout.device
-    start, stop = (0, layout.q_len) if rows is None else (rows.start, rows.stop)
-    b = torch.arange(layout.batch, device=dev).view(-1, 1, 1, 1)
-    h = torch.arange(layout.heads, device=dev).view(1, -1, 1, 1)
-    q = torch.arange(start, stop, device=dev).view(1, 1, -1, 1) + layout.offset
-    kv = torch.arange(layout.kv_len, device=dev).view(1, 1, 1, -1)
-    out = torch.as_tensor(mod(b, h, q, kv), device=dev)
-    if out.dtype != torch.bool:
-        raise TypeError(f"a mask function must return a bool tensor, got dtype {out.dtype}")
-    return out.expand(layout.batch, layout.heads, stop - start, layout.kv_len).clone()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,35 +221,32 @@ def evaluate(mod: ModFn, layout: Layout, rows: slice | None = None) -> torch.Ten
 
 
 class Full(Mask):
-    def _mask_mod(self, layout):
+    def _mask_mod(self, low):
         def full(b, h, q_idx, kv_idx):
             return kv_idx >= 0
 
         return full
 
-    def _classify(self, layout, qr, kr):
-        t = torch.ones((), dtype=torch.bool, device=layout.device)
+    def _classify(self, low, qr, kr):
+        t = torch.ones((), dtype=torch.bool, device=low.layout.device)
         return t, t
-
-    def _key(self):
-        return ("full",)
 
     def __repr__(self):
         return "full()"
 
 
 class Causal(Mask):
-    def _mask_mod(self, layout):
+    def _mask_mod(self, low):
         def causal(b, h, q_idx, kv_idx):
             return kv_idx <= q_idx
 
         return causal
 
-    def _classify(self, layout, qr, kr):
+    def _classify(self, low, qr, kr):
         return kr.lo <= qr.hi, kr.hi <= qr.lo
 
-    def _key(self):
-        return ("causal",)
+    def _offers(self, low):
+        return Offers.CAUSAL_PARTIAL_BLOCKS if low.layout.offset % BLOCK == 0 else Offers.NONE
 
     def __repr__(self):
         return "causal()"
@@ -233,9 +254,9 @@ class Causal(Mask):
 
 class SlidingWindow(Mask):
     def __init__(self, size: int):
-        self.size = _positive_int("size", size)
+        self.size = positive_int("size", size)
 
-    def _mask_mod(self, layout):
+    def _mask_mod(self, low):
         size = self.size
 
         def sliding_window(b, h, q_idx, kv_idx):
@@ -243,13 +264,10 @@ class SlidingWindow(Mask):
 
         return sliding_window
 
-    def _classify(self, layout, qr, kr):
+    def _classify(self, low, qr, kr):
         any_ = (kr.lo <= qr.hi) & (kr.hi > qr.lo - self.size)
         all_ = (kr.hi <= qr.lo) & (kr.lo > qr.hi - self.size)
         return any_, all_
-
-    def _key(self):
-        return ("sliding_window", self.size)
 
     def __repr__(self):
         return f"sliding_window({self.size})"
@@ -257,9 +275,9 @@ class SlidingWindow(Mask):
 
 class Chunked(Mask):
     def __init__(self, size: int):
-        self.size = _positive_int("size", size)
+        self.size = positive_int("size", size)
 
-    def _mask_mod(self, layout):
+    def _mask_mod(self, low):
         size = self.size
 
         def chunked(b, h, q_idx, kv_idx):
@@ -267,14 +285,11 @@ class Chunked(Mask):
 
         return chunked
 
-    def _classify(self, layout, qr, kr):
+    def _classify(self, low, qr, kr):
         s = self.size
         any_ = (qr.lo // s <= kr.hi // s) & (kr.lo // s <= qr.hi // s)
         all_ = (qr.lo // s == qr.hi // s) & (kr.lo // s == kr.hi // s) & (qr.lo // s == kr.lo // s)
         return any_, all_
-
-    def _key(self):
-        return ("chunked", self.size)
 
     def __repr__(self):
         return f"chunked({self.size})"
@@ -283,14 +298,14 @@ class Chunked(Mask):
 class PrefixLM(Mask):
     def __init__(self, length: int | torch.Tensor):
         if isinstance(length, torch.Tensor):
-            self.length = _lengths_tensor("length", length)
+            self.length = lengths_tensor("length", length)
         else:
-            self.length = _nonnegative_int("length", length)
+            self.length = nonnegative_int("length", length)
 
-    def _mask_mod(self, layout):
+    def _mask_mod(self, low):
         length = self.length
         if isinstance(length, torch.Tensor):
-            length = _batch_expand(length.to(layout.device), layout.batch)
+            length = batch_expand(length.to(low.layout.device), low.layout.batch)
 
             def prefix_lm_per_row(b, h, q_idx, kv_idx):
                 return (kv_idx < length[b]) | (kv_idx <= q_idx)
@@ -302,23 +317,20 @@ class PrefixLM(Mask):
 
         return prefix_lm
 
-    def _classify(self, layout, qr, kr):
+    def _classify(self, low, qr, kr):
         length = self.length
         if isinstance(length, torch.Tensor):
-            length = length.to(layout.device).view(-1, 1, 1, 1)
+            length = length.to(low.layout.device).view(-1, 1, 1, 1)
         any_ = (kr.lo < length) | (kr.lo <= qr.hi)
         all_ = (kr.hi < length) | (kr.hi <= qr.lo)
         return any_, all_
 
     def _check(self, layout):
         if isinstance(self.length, torch.Tensor):
-            _check_batch("prefix_lm lengths", self.length.shape[0], layout.batch)
+            check_batch("prefix_lm lengths", self.length.shape[0], layout.batch)
 
     def _dims(self):
         return (self.length.shape[0], None) if isinstance(self.length, torch.Tensor) else (None, None)
-
-    def _key(self):
-        return None if isinstance(self.length, torch.Tensor) else ("prefix_lm", self.length)
 
     def __repr__(self):
         if isinstance(self.length, torch.Tensor):
@@ -337,18 +349,20 @@ class Document(Mask):
             )
         if ids.numel() == 0:
             raise ValueError(f"document ids must not be empty, got shape {tuple(ids.shape)}")
-        self.ids = ids
+        if ids.shape[1] > MAX_SIZE:
+            raise ValueError(f"document ids may cover at most {MAX_SIZE:,} positions, got {ids.shape[1]:,}")
+        self.ids = real_tensor("document ids", ids)
 
-    def _mask_mod(self, layout):
-        ids = _batch_expand(self.ids.to(layout.device), layout.batch)
+    def _mask_mod(self, low):
+        ids = batch_expand(self.ids.to(low.layout.device), low.layout.batch)
 
         def document(b, h, q_idx, kv_idx):
             return ids[b, q_idx] == ids[b, kv_idx]
 
         return document
 
-    def _classify(self, layout, qr, kr):
-        ids = self.ids.to(layout.device)
+    def _classify(self, low, qr, kr):
+        ids = self.ids.to(low.layout.device)
         qmin, qmax = per_block_min_max(ids, qr.size, qr.start, qr.length)
         kmin, kmax = per_block_min_max(ids, kr.size, kr.start, kr.length)
         qmin, qmax = qmin[:, None, :, None], qmax[:, None, :, None]
@@ -358,7 +372,7 @@ class Document(Mask):
         return any_, all_
 
     def _check(self, layout):
-        _check_batch("document ids", self.ids.shape[0], layout.batch)
+        check_batch("document ids", self.ids.shape[0], layout.batch)
         if self.ids.shape[1] != layout.kv_len:
             raise ValueError(
                 f"document ids have length {self.ids.shape[1]} but the keys have length "
@@ -368,28 +382,31 @@ class Document(Mask):
     def _dims(self):
         return self.ids.shape[0], None
 
+    def _length(self):
+        return self.ids.shape[1]
+
     def __repr__(self):
         return f"document(<ids {tuple(self.ids.shape)}>)"
 
 
 class Padding(Mask):
     def __init__(self, lengths: torch.Tensor):
-        self.lengths = _lengths_tensor("lengths", lengths)
+        self.lengths = lengths_tensor("lengths", lengths)
 
-    def _mask_mod(self, layout):
-        lengths = _batch_expand(self.lengths.to(layout.device), layout.batch)
+    def _mask_mod(self, low):
+        lengths = batch_expand(self.lengths.to(low.layout.device), low.layout.batch)
 
         def padding(b, h, q_idx, kv_idx):
             return kv_idx < lengths[b]
 
         return padding
 
-    def _classify(self, layout, qr, kr):
-        lengths = self.lengths.to(layout.device).view(-1, 1, 1, 1)
+    def _classify(self, low, qr, kr):
+        lengths = self.lengths.to(low.layout.device).view(-1, 1, 1, 1)
         return kr.lo < lengths, kr.hi < lengths
 
     def _check(self, layout):
-        _check_batch("padding lengths", self.lengths.shape[0], layout.batch)
+        check_batch("padding lengths", self.lengths.shape[0], layout.batch)
 
     def _dims(self):
         return self.lengths.shape[0], None
@@ -398,54 +415,77 @@ class Padding(Mask):
         return f"padding(<lengths {tuple(self.lengths.shape)}>)"
 
 
+class KeyMask(Mask):
+    """Keys that exist: key ``j`` is kept iff ``valid[b, j]`` (any padding pattern, left padding included).
+
+    ``valid`` is a bool tensor ``[B or 1, kv_len]``. Its block maps come from per-block min/max,
+    so building its ``BlockMask`` costs ``O(kv_len)``.
+    """
+
+    def __init__(self, valid: torch.Tensor):
+        if not isinstance(valid, torch.Tensor) or valid.dim() != 2 or valid.dtype != torch.bool:
+            got = (
+                f"dtype {valid.dtype}, shape {tuple(valid.shape)}"
+                if isinstance(valid, torch.Tensor)
+                else type(valid).__name__
+            )
+            raise ValueError(f"key mask needs a bool tensor [batch, kv_len], got {got}")
+        self.valid = real_tensor("key mask", valid)
+
+    def _mask_mod(self, low):
+        valid = batch_expand(self.valid.to(low.layout.device), low.layout.batch)
+
+        def key_mask(b, h, q_idx, kv_idx):
+            return valid[b, kv_idx]
+
+        return key_mask
+
+    def _classify(self, low, qr, kr):
+        valid = self.valid.to(device=low.layout.device, dtype=torch.int8)
+        lo, hi = per_block_min_max(valid, kr.size, kr.start, kr.length)
+        return (hi > 0)[:, None, None, :], (lo > 0)[:, None, None, :]
+
+    def _check(self, layout):
+        batch, length = self.valid.shape
+        if batch not in (1, layout.batch) or length != layout.kv_len:
+            raise ValueError(
+                f"key mask has shape {tuple(self.valid.shape)}, expected [{layout.batch} or 1, {layout.kv_len}]"
+            )
+
+    def _dims(self):
+        return self.valid.shape[0], None
+
+    def _length(self):
+        return self.valid.shape[1]
+
+    def __repr__(self):
+        return f"key_mask(<valid {tuple(self.valid.shape)}>)"
+
+
 class Custom(Mask):
     def __init__(self, fn: Callable[..., torch.Tensor], name: str | None = None):
         if not callable(fn):
             raise TypeError(f"fm.mask expects a function (b, h, q_idx, kv_idx) -> bool, got {type(fn).__name__}")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"fm.mask name must be a str, got {type(name).__name__}")
         self.fn = fn
         self.name = name or getattr(fn, "__name__", "fn")
 
-    def _mask_mod(self, layout):
+    def _mask_mod(self, low):
         return self.fn
 
-    def _classify(self, layout, qr, kr):
-        if layout.device.type == "cuda":
-            # torch's compiled builder evaluates the function blockwise in one fused kernel.
-            from torch.nn.attention.flex_attention import create_block_mask
-
+    def _classify(self, low, qr, kr):
+        layout = low.layout
+        if layout.device.type == "cuda":  # torch's compiled builder evaluates the function blockwise
             mod = shift_queries(self.fn, layout.offset, layout.device)
-            bm = create_block_mask(
-                mod, layout.batch, layout.heads, layout.q_len, layout.kv_len,
-                device=layout.device, BLOCK_SIZE=qr.size, _compile=True,
+            bm = compiled_create_block_mask(
+                mod, layout.batch, layout.heads, layout.q_len, layout.kv_len, layout.device, qr.size
             )
             return states_from_block_mask(bm)
-        return _classify_densely(self.fn, layout, qr, kr)
+        return classify_densely(self.fn, layout, qr, kr)
 
     def __repr__(self):
         return f"mask({self.name})"
-
-
-def _classify_densely(mod: ModFn, layout: Layout, qr: BlockRanges, kr: BlockRanges) -> BlockStates:
-    """Block states by evaluating ``mod`` one slab of query blocks at a time (bounded memory)."""
-    bs, nq, nk = qr.size, qr.count, kr.count
-    per_row = layout.batch * layout.heads * layout.kv_len
-    blocks_per_step = max(1, DENSE_CHUNK_ELEMENTS // (per_row * bs))
-    pad = nk * bs - layout.kv_len
-    any_parts, all_parts = [], []
-    for first in range(0, nq, blocks_per_step):
-        last = min(nq, first + blocks_per_step)
-        rows = slice(first * bs, min(last * bs, layout.q_len))
-        d = evaluate(mod, layout, rows)  # [B, H, rows, KV]
-        d_any = torch.nn.functional.pad(d, (0, pad), value=False)
-        d_all = torch.nn.functional.pad(d, (0, pad), value=True)
-        n_rows = rows.stop - rows.start
-        row_pad = (last - first) * bs - n_rows
-        d_any = torch.nn.functional.pad(d_any, (0, 0, 0, row_pad), value=False)
-        d_all = torch.nn.functional.pad(d_all, (0, 0, 0, row_pad), value=True)
-        shape = (layout.batch, layout.heads, last - first, bs, nk, bs)
-        any_parts.append(d_any.view(shape).any(-1).any(-2))
-        all_parts.append(d_all.view(shape).all(-1).all(-2))
-    return torch.cat(any_parts, dim=2), torch.cat(all_parts, dim=2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,7 +493,7 @@ def _classify_densely(mod: ModFn, layout: Layout, qr: BlockRanges, kr: BlockRang
 
 
 class _Combined(Mask):
-    """A mask made of other masks; shapes, checks and cache keys come from its parts."""
+    """A mask made of other masks; shapes and checks come from its parts."""
 
     def __init__(self, *parts: Mask):
         self.parts = parts
@@ -467,26 +507,29 @@ class _Combined(Mask):
 
     def _dims(self):
         dims = [part._dims() for part in self.parts]
-        return _merge_dim([d[0] for d in dims], "batch"), _merge_dim([d[1] for d in dims], "heads")
+        return merge_dim([d[0] for d in dims], "batch"), merge_dim([d[1] for d in dims], "heads")
 
-    def _key(self):
-        keys = [part._key() for part in self.parts]
-        return None if any(k is None for k in keys) else (type(self).__name__, *keys)
+    def _length(self):
+        lengths = {n for n in (part._length() for part in self.parts) if n is not None}
+        return max(lengths) if lengths else None
 
 
 class And(_Combined):
     _precedence = 2
 
-    def _mask_mod(self, layout):
-        fa, fb = (part._mask_mod(layout) for part in self.parts)
+    def _gather_factor(self):
+        return next((f for f in (part._gather_factor() for part in self.parts) if f is not None), None)
+
+    def _mask_mod(self, low):
+        fa, fb = (part._mask_mod(low) for part in self.parts)
 
         def and_mask(b, h, q_idx, kv_idx):
             return fa(b, h, q_idx, kv_idx) & fb(b, h, q_idx, kv_idx)
 
         return and_mask
 
-    def _classify(self, layout, qr, kr):
-        (any_a, all_a), (any_b, all_b) = (part._classify(layout, qr, kr) for part in self.parts)
+    def _classify(self, low, qr, kr):
+        (any_a, all_a), (any_b, all_b) = (part._classify(low, qr, kr) for part in self.parts)
         return any_a & any_b, all_a & all_b
 
     def __repr__(self):
@@ -497,16 +540,16 @@ class And(_Combined):
 class Or(_Combined):
     _precedence = 1
 
-    def _mask_mod(self, layout):
-        fa, fb = (part._mask_mod(layout) for part in self.parts)
+    def _mask_mod(self, low):
+        fa, fb = (part._mask_mod(low) for part in self.parts)
 
         def or_mask(b, h, q_idx, kv_idx):
             return fa(b, h, q_idx, kv_idx) | fb(b, h, q_idx, kv_idx)
 
         return or_mask
 
-    def _classify(self, layout, qr, kr):
-        (any_a, all_a), (any_b, all_b) = (part._classify(layout, qr, kr) for part in self.parts)
+    def _classify(self, low, qr, kr):
+        (any_a, all_a), (any_b, all_b) = (part._classify(low, qr, kr) for part in self.parts)
         return any_a | any_b, all_a | all_b
 
     def __repr__(self):
@@ -517,16 +560,16 @@ class Or(_Combined):
 class Not(_Combined):
     _precedence = 3
 
-    def _mask_mod(self, layout):
-        fa = self.parts[0]._mask_mod(layout)
+    def _mask_mod(self, low):
+        fa = self.parts[0]._mask_mod(low)
 
         def not_mask(b, h, q_idx, kv_idx):
             return ~fa(b, h, q_idx, kv_idx)
 
         return not_mask
 
-    def _classify(self, layout, qr, kr):
-        any_a, all_a = self.parts[0]._classify(layout, qr, kr)
+    def _classify(self, low, qr, kr):
+        any_a, all_a = self.parts[0]._classify(low, qr, kr)
         return ~all_a, ~any_a
 
     def __repr__(self):
@@ -545,7 +588,7 @@ def full() -> Mask:
 def causal() -> Mask:
     """Key ``j`` is kept for query ``i`` iff ``j <= i``.
 
-    Example:
+    Examples:
         >>> import flexmask as fm
         >>> fm.causal().to_dense(3, 3)[0, 0].int().tolist()
         [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
@@ -556,7 +599,7 @@ def causal() -> Mask:
 def sliding_window(size: int) -> Mask:
     """The last ``size`` keys up to and including the query: ``i - size < j <= i``.
 
-    Example:
+    Examples:
         >>> import flexmask as fm
         >>> fm.sliding_window(2).to_dense(3, 3)[0, 0].int().tolist()
         [[1, 0, 0], [1, 1, 0], [0, 1, 1]]
@@ -568,6 +611,11 @@ def chunked(size: int) -> Mask:
     """Queries and keys in the same chunk of ``size`` positions: ``i // size == j // size``.
 
     Combine with ``causal()`` for chunked-causal attention.
+
+    Examples:
+        >>> import flexmask as fm
+        >>> (fm.chunked(2) & fm.causal()).to_dense(4, 4)[0, 0].int().tolist()
+        [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]
     """
     return Chunked(size)
 
@@ -576,6 +624,11 @@ def prefix_lm(length: int | torch.Tensor) -> Mask:
     """Bidirectional over a prefix, causal after it: ``j < length or j <= i``.
 
     ``length`` is an int, or an int tensor ``[B]`` with one prefix length per batch row.
+
+    Examples:
+        >>> import flexmask as fm
+        >>> fm.prefix_lm(2).to_dense(3, 3)[0, 0].int().tolist()
+        [[1, 1, 0], [1, 1, 0], [1, 1, 1]]
     """
     return PrefixLM(length)
 
@@ -586,7 +639,7 @@ def document(ids: torch.Tensor) -> Mask:
     Args:
         ids: integer tensor ``[B, kv_len]``, one document id per position.
 
-    Example:
+    Examples:
         >>> import torch, flexmask as fm
         >>> m = fm.causal() & fm.document(torch.tensor([[0, 0, 1, 1]]))
         >>> m.to_dense(4, 4)[0, 0].int().tolist()
@@ -600,6 +653,11 @@ def padding(lengths: torch.Tensor) -> Mask:
 
     Args:
         lengths: integer tensor ``[B]``, the number of valid keys in each batch row.
+
+    Examples:
+        >>> import torch, flexmask as fm
+        >>> fm.padding(torch.tensor([2])).to_dense(1, 3)[0, 0].int().tolist()
+        [[1, 1, 0]]
     """
     return Padding(lengths)
 
@@ -608,9 +666,10 @@ def mask(fn: Callable[..., torch.Tensor], name: str | None = None) -> Mask:
     """A custom mask from a FlexAttention-style function ``(b, h, q_idx, kv_idx) -> bool``.
 
     ``q_idx`` and ``kv_idx`` are absolute positions. Its ``BlockMask`` is built by evaluating the
-    function blockwise (torch's compiled ``create_block_mask`` on CUDA).
+    function blockwise (torch's compiled ``create_block_mask`` on CUDA). Lowered masks are cached
+    by the function's identity and the tensors it closes over (see :func:`flexmask.clear_cache`).
 
-    Example:
+    Examples:
         >>> import flexmask as fm
         >>> even = fm.mask(lambda b, h, q, kv: kv % 2 == 0, name="even_keys")
         >>> fm.causal() & even
@@ -630,72 +689,23 @@ def _wrap(m: Mask, precedence: int) -> str:
 def _as_mask(other, op: str) -> Mask:
     if not isinstance(other, Mask):
         raise TypeError(
-            f"`{op}` combines flexmask masks; got {type(other).__name__}. "
-            "Wrap a function with fm.mask(fn)."
+            f"`{op}` combines flexmask masks; got {type(other).__name__}. Wrap a function with fm.mask(fn)."
         )
     return other
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value}")
-    return value
-
-
-def _nonnegative_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value
-
-
-def _lengths_tensor(name: str, lengths) -> torch.Tensor:
-    if not isinstance(lengths, torch.Tensor):
-        raise TypeError(f"{name} must be an int tensor [batch], got {type(lengths).__name__}")
-    if lengths.dim() != 1 or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
-        raise ValueError(
-            f"{name} must be an integer tensor of shape [batch], got dtype {lengths.dtype} "
-            f"and shape {tuple(lengths.shape)}"
-        )
-    if lengths.numel() == 0:
-        raise ValueError(f"{name} must not be empty")
-    if not torch.compiler.is_compiling() and bool((lengths < 0).any()):
-        raise ValueError(f"{name} must be >= 0, got {lengths.tolist()}")
-    return lengths
-
-
-def _check_batch(what: str, got: int, batch: int) -> None:
-    if got not in (1, batch):
-        raise ValueError(f"{what} have batch size {got}, but the inputs have batch {batch}")
-
-
-def _batch_expand(t: torch.Tensor, batch: int) -> torch.Tensor:
-    return t.expand(batch, *t.shape[1:]) if t.shape[0] == 1 else t
-
-
-def _merge_dim(values, what: str) -> int | None:
-    sizes = {v for v in values if v is not None and v != 1}
-    if len(sizes) > 1:
-        raise ValueError(f"masks combined with different {what} sizes: {sorted(sizes)}")
-    if sizes:
-        return sizes.pop()
-    return 1 if any(v == 1 for v in values) else None
 
 
 def _device_of(m: Mask, device) -> torch.device:
     if device is not None:
         return torch.device(device)
-    for t in _tensors(m):
+    for t in tensors_of(m):
         return t.device
     return torch.device("cpu")
 
 
-def _tensors(m: Mask):
+def tensors_of(m: Mask) -> Iterator[torch.Tensor]:
+    """Every tensor a mask holds, its parts' included."""
     for value in vars(m).values():
         if isinstance(value, torch.Tensor):
             yield value
     for child in m._children():
-        yield from _tensors(child)
+        yield from tensors_of(child)

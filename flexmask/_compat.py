@@ -1,0 +1,84 @@
+"""Every private or version-dependent touch point of torch and transformers, in one place.
+
+When a release moves one of these, this is the file to change. Each function says what it
+relies on.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+# -- torch ---------------------------------------------------------------------------------------
+
+
+def tensor_version(t: torch.Tensor) -> int | None:
+    """The version counter of ``t`` (bumped by every in-place operation through autograd's view of
+    it), or ``None`` for inference tensors, which have none (``Tensor._version``, private)."""
+    if t.is_inference():
+        return None
+    return t._version
+
+
+def raise_recompile_limit(limit: int) -> None:
+    """Raise dynamo's per-function recompile limits to at least ``limit`` (``torch._dynamo.config``)."""
+    config = torch._dynamo.config
+    if config.recompile_limit < limit:
+        config.recompile_limit = limit
+    if config.accumulated_recompile_limit < config.recompile_limit:
+        config.accumulated_recompile_limit = config.recompile_limit
+
+
+def compiled_create_block_mask(
+    mask_mod: Callable, batch: int, heads: int, q_len: int, kv_len: int, device, block_size: int
+):
+    """torch's ``create_block_mask`` through its compiled builder (the private ``_compile=True``):
+    it evaluates a mask function blockwise in fused kernels instead of materialising ``N²`` booleans."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(mask_mod, batch, heads, q_len, kv_len, device=device, BLOCK_SIZE=block_size, _compile=True)
+
+
+def dynamo_counters() -> dict:
+    """dynamo's event counters (``torch._dynamo.utils.counters``, private): ``["stats"]["unique_graphs"]`` etc."""
+    from torch._dynamo.utils import counters
+
+    return counters
+
+
+# -- transformers --------------------------------------------------------------------------------
+
+_MASKING_UTILS: types.ModuleType | None = None
+
+
+def masking_utils() -> types.ModuleType:
+    """``transformers.masking_utils``, imported once outside ``torch.compile``: dynamo cannot trace an
+    import through transformers' lazy module (a graph break, "Bad import result")."""
+    global _MASKING_UTILS
+    if _MASKING_UTILS is None:
+        import transformers.masking_utils
+
+        _MASKING_UTILS = transformers.masking_utils
+    return _MASKING_UTILS
+
+
+def transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def closure(fn: Callable) -> dict[str, Any]:
+    """The names and values a function closes over (``__closure__``/``__code__``): how flexmask reads
+    the mask functions transformers composes (``and_masks``, ``sliding_window_overlay``, ...)."""
+    cells = fn.__closure__ or ()
+    return {name: cell.cell_contents for name, cell in zip(fn.__code__.co_freevars, cells, strict=True)}
+
+
+def attn_implementation(model_or_config: Any) -> str | None:
+    """The attention implementation a transformers model or config runs (``config._attn_implementation``)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return getattr(config, "_attn_implementation", None)

@@ -1,0 +1,333 @@
+"""Content masks: top-k selection over per-key scores (Dynamic Mask Attention's masks).
+
+:func:`topk` keeps, for each query, the ``k`` best-scored keys at or before it;
+:func:`topk_blocks` keeps each query block's ``k`` best past key blocks. Both are ordinary masks
+of the algebra (combine them with ``&``, ``|``, ``~``). They are immutable: the selection is
+computed when a call lowers them (:mod:`flexmask.lowering.selection`), once per lowering, and
+kept by the one cache for the same scores (identity and version), shapes and options.
+
+Examples:
+    >>> import torch, flexmask as fm
+    >>> s = torch.tensor([[[5.0, 1.0, 0.0, 3.0, 2.0]]])
+    >>> fm.topk(s, 2).to_dense(5, 5)[0, 0].int().tolist()
+    [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 0, 1, 0], [1, 0, 0, 1, 0]]
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask
+
+from ..lowering import decode, selection
+from ..lowering.blocks import block_mask_from_tensors
+from ..lowering.decode import Gathered
+from ..lowering.dense import classify_densely
+from ..lowering.layout import BLOCK, Layout, Lowering, Offers, cdiv
+from ..lowering.token_layout import TokenLayout, token_layout
+from ._checks import positive_int, real_tensor
+from .masks import And, Causal, Document, Mask, Padding
+
+
+def _candidates(among: Mask | None) -> tuple[Document | None, Padding | None]:
+    """Split ``among`` into the document and padding parts top-k selection understands."""
+    docs: list[Document] = []
+    pads: list[Padding] = []
+    if among is not None:
+        if not isinstance(among, Mask):
+            raise TypeError(f"among must be a flexmask mask, got {type(among).__name__}")
+        _collect(among, docs, pads)
+    if len(docs) > 1 or len(pads) > 1:
+        raise ValueError(f"among may hold at most one document and one padding mask, got {among!r}")
+    return (docs[0] if docs else None), (pads[0] if pads else None)
+
+
+def _collect(m: Mask, docs: list[Document], pads: list[Padding]) -> None:
+    # a module-level function: a recursive closure would be a reference cycle holding the masks
+    if isinstance(m, And):
+        for part in m.parts:
+            _collect(part, docs, pads)
+    elif isinstance(m, Document):
+        docs.append(m)
+    elif isinstance(m, Padding):
+        pads.append(m)
+    elif not isinstance(m, Causal):
+        raise ValueError(
+            f"among must be built from fm.padding(...), fm.document(...) and fm.causal() combined with `&`, got {m!r}"
+        )
+
+
+def _check_scores(name: str, scores: object) -> torch.Tensor:
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"{name} scores must be a tensor [batch, heads, kv_len], got {type(scores).__name__}")
+    if scores.dim() != 3 or not scores.dtype.is_floating_point:
+        raise ValueError(
+            f"{name} scores must be a floating tensor [batch, heads, kv_len], "
+            f"got dtype {scores.dtype} and shape {tuple(scores.shape)}"
+        )
+    if 0 in scores.shape:
+        raise ValueError(f"{name} scores must not be empty, got shape {tuple(scores.shape)}")
+    return real_tensor(f"{name} scores", scores)
+
+
+class _ContentMask(Mask):
+    """Shared by :class:`TopK` and :class:`TopKBlocks`: scores, ``k``, ``among`` and shape checks."""
+
+    def __init__(self, scores: torch.Tensor, k: int, among: Mask | None, name: str):
+        self.scores = _check_scores(name, scores)
+        self.k = positive_int("k", k)
+        self.among = among
+        documents, padding = _candidates(among)
+        # Checked once here, not on every call; not inside torch.compile, where reading the ids would
+        # break the graph (the documents flexmask.hf builds from padding are contiguous).
+        if documents is not None and not torch.compiler.is_compiling():
+            ids = documents.ids
+            # contiguous documents: as many id changes along each row as in the row sorted
+            changes = (ids[:, 1:] != ids[:, :-1]).sum(-1)
+            ordered = ids.sort(-1).values
+            if bool((changes != (ordered[:, 1:] != ordered[:, :-1]).sum(-1)).any()):
+                raise ValueError("top-k among documents needs each document's positions to be contiguous (packed)")
+        self._ids = None if documents is None else documents.ids
+        self._lengths = None if padding is None else padding.lengths
+
+    def _cache_fields(self):
+        return (self.scores, self.k, self.among, getattr(self, "block_size", None))
+
+    def _children(self):
+        return () if self.among is None else (self.among,)
+
+    def _gather_factor(self):
+        return self
+
+    def _content_mod(self, low: Lowering, fn):
+        """``fn`` (the selection's rule) with ``among``; in a gathering lowering of this mask, the
+        gather applies the selection, so only ``among`` remains."""
+        if low.gathered_by is self:
+            if self.among is None:
+
+                def gathered(b, h, q_idx, kv_idx):
+                    return kv_idx >= 0
+
+                return gathered
+            return self.among._mask_mod(low)
+        return self._with_among(low, fn)
+
+    def _dims(self):
+        batch = self.scores.shape[0]
+        if self.among is not None:
+            other = self.among._dims()[0]
+            if other not in (None, 1, batch) and batch != 1:
+                raise ValueError(f"among has batch {other} but scores have batch {batch}")
+            batch = max(batch, other or 1)
+        return batch, self.scores.shape[1]
+
+    def _check_shapes(self, layout: Layout, length: int, what: str) -> None:
+        b, hs, n = self.scores.shape
+        if b not in (1, layout.batch):
+            raise ValueError(f"scores have batch {b}, but the inputs have batch {layout.batch}")
+        if layout.heads % hs:
+            raise ValueError(
+                f"scores have {hs} heads (shape {tuple(self.scores.shape)}); it must divide the "
+                f"{layout.heads} query heads (use the query heads or the KV heads)"
+            )
+        if n != length:
+            raise ValueError(f"scores have length {n}, expected {what}")
+        if self.among is not None:
+            self.among._check(layout)
+
+    def _with_among(self, low: Lowering, fn):
+        if self.among is None:
+            return fn
+        among = self.among._mask_mod(low)
+
+        def content_among(b, h, q_idx, kv_idx):
+            return fn(b, h, q_idx, kv_idx) & among(b, h, q_idx, kv_idx)
+
+        return content_among
+
+    def _classify_among(self, low, qr, kr, any_, all_):
+        if self.among is None:
+            return any_, all_
+        a_any, a_all = self.among._classify(low, qr, kr)
+        return any_ & a_any, all_ & a_all
+
+
+class TopK(_ContentMask):
+    def __init__(self, scores: torch.Tensor, k: int, among: Mask | None = None):
+        super().__init__(scores, k, among, "topk")
+
+    def interval_ends(self, low: Lowering) -> torch.Tensor:
+        """``e`` ``[B, Hs, KV]`` int32: query ``i`` keeps key ``j`` iff ``j <= i < e[j]`` (among aside)."""
+
+        def compute():
+            s, segments = selection.key_candidates(self.scores, low.layout, self._ids, self._lengths)
+            return selection.topk_ends(s, segments, self.k, low.layout.q_len)
+
+        return low.derive(self, "ends", compute)
+
+    def _check(self, layout):
+        self._check_shapes(layout, layout.kv_len, f"kv_len={layout.kv_len} (one score per key)")
+
+    def _length(self):
+        return self.scores.shape[-1]
+
+    def _offers(self, low):
+        return Offers.GATHER_DECODE | (Offers.TOKEN_LAYOUT if self.among is None else Offers.NONE)
+
+    def _token_scores_shape(self) -> torch.Size:
+        """(Offers.TOKEN_LAYOUT) the shape of the scores its layout is built from."""
+        return self.scores.shape
+
+    def _token_layout(self, low: Lowering, graphed: bool) -> TokenLayout:
+        """(Offers.TOKEN_LAYOUT) its key layout for ``low.layout`` (self-attention, KV heads known)."""
+        return token_layout(self.scores, self.k, low.layout, graphed)
+
+    def _decode_gather(self, low: Lowering) -> Gathered:
+        """(Offers.GATHER_DECODE) the ``min(k, L)`` keys the last query keeps (see :mod:`flexmask.lowering.decode`)."""
+        return decode.topk_candidates(self.scores, self.k, low.layout, self._ids, self._lengths)
+
+    def _mask_mod(self, low):
+        if low.gathered_by is self:
+            return self._content_mod(low, None)
+        ends = self.interval_ends(low)
+        group = low.layout.heads // ends.shape[1]
+
+        def topk(b, h, q_idx, kv_idx):
+            return (kv_idx <= q_idx) & (q_idx < ends[b, h // group, kv_idx])
+
+        return self._content_mod(low, topk)
+
+    def _classify(self, low, qr, kr):
+        any_, all_ = selection.topk_states(self.interval_ends(low), low.layout.heads, qr, kr)
+        return self._classify_among(low, qr, kr, any_, all_)
+
+    def __repr__(self):
+        among = "" if self.among is None else f", among={self.among!r}"
+        return f"topk(<scores {tuple(self.scores.shape)}>, {self.k}{among})"
+
+
+class TopKBlocks(_ContentMask):
+    def __init__(self, scores: torch.Tensor, k: int, block_size: int = BLOCK, among: Mask | None = None):
+        super().__init__(scores, k, among, "topk_blocks")
+        self.block_size = positive_int("block_size", block_size)
+
+    def _check(self, layout):
+        n = self.scores.shape[-1]
+        nb = cdiv(layout.kv_len, self.block_size)
+        if n not in (layout.kv_len, nb):
+            raise ValueError(
+                f"topk_blocks scores have length {n}; expected kv_len={layout.kv_len} (one score per key) "
+                f"or {nb} (one per block of {self.block_size})"
+            )
+        self._check_shapes(layout, n, f"kv_len={layout.kv_len} or {nb}")
+
+    def _offers(self, low):
+        if self.among is not None or self.block_size != BLOCK or low.layout.offset % BLOCK:
+            return Offers.GATHER_DECODE
+        return Offers.CAUSAL_PARTIAL_BLOCKS | Offers.GRAPHED_BUILD | Offers.GATHER_DECODE
+
+    def _graphed_build_fits(self, layout: Layout) -> bool:
+        """(Offers.GRAPHED_BUILD) whether a graph for ``layout`` stays within its memory budget."""
+        nb = cdiv(layout.kv_len, self.block_size)
+        return layout.batch * layout.heads * nb * nb <= selection.GRAPHED_BLOCKS_LIMIT
+
+    def _graphed_block_mask(self, low: Lowering) -> BlockMask:
+        """(Offers.GRAPHED_BUILD) its BlockMask with the whole build, selection included, replayed
+        from a CUDA graph; the selection also serves its ``mask_mod``."""
+        layout = low.layout
+        key = (self.k, self.block_size, layout)
+        sel, *tensors = selection.graphed_topk_blocks(self.scores.detach().to(layout.device), key=key)
+        low.derive(self, "blocks", lambda: sel)
+        mod = self._mask_mod(low)
+        return block_mask_from_tensors(tensors, mod, layout.q_len, layout.kv_len, self.block_size)
+
+    def block_selection(self, low: Lowering) -> torch.Tensor:
+        """``[2, B, Hs, nb]``: the rank of each key block (0 = best) and each query block's threshold.
+
+        Query block ``t`` keeps past block ``u < t`` iff ``rank[u] <= threshold[t]``.
+        """
+        return low.derive(
+            self,
+            "blocks",
+            lambda: selection.block_selection(self.scores, self.k, self.block_size, low.layout, lengths=self._lengths),
+        )
+
+    def _needs_lengths(self):
+        return True  # its scores may be per key or per block: the key length decides
+
+    def _decode_gather(self, low: Lowering) -> Gathered:
+        """(Offers.GATHER_DECODE) the positions of the blocks the last query keeps, ``valid`` where kept."""
+        return decode.topk_blocks_candidates(self.scores, self.k, self.block_size, low.layout, self._lengths)
+
+    def _mask_mod(self, low):
+        if low.gathered_by is self:
+            return self._content_mod(low, None)
+        sel = self.block_selection(low)
+        rank, threshold = sel[0], sel[1]
+        group = low.layout.heads // rank.shape[1]
+        bs = self.block_size
+
+        def topk_blocks(b, h, q_idx, kv_idx):
+            qb, kb = q_idx // bs, kv_idx // bs
+            past = (kb < qb) & (rank[b, h // group, kb] <= threshold[b, h // group, qb])
+            return past | ((kb == qb) & (kv_idx <= q_idx))
+
+        return self._content_mod(low, topk_blocks)
+
+    def _classify(self, low, qr, kr):
+        if qr.size != self.block_size or low.layout.offset % self.block_size:
+            # selection grid and BlockMask grid differ: classify by evaluating the mask blockwise
+            return classify_densely(self._mask_mod(low), low.layout, qr, kr)
+        sel = self.block_selection(low)
+        any_, all_ = selection.topk_blocks_states(sel, low.layout.heads, self.block_size, qr, kr)
+        return self._classify_among(low, qr, kr, any_, all_)
+
+    def __repr__(self):
+        among = "" if self.among is None else f", among={self.among!r}"
+        return f"topk_blocks(<scores {tuple(self.scores.shape)}>, {self.k}, block_size={self.block_size}{among})"
+
+
+def topk(scores: torch.Tensor, k: int, *, among: Mask | None = None) -> Mask:
+    """Content top-k: query ``i`` keeps the ``k`` highest-scoring keys ``j <= i``.
+
+    Ties go to the later key, so constant scores select exactly ``sliding_window(k)``. The top-k is
+    a discrete choice on detached scores (use :func:`flexmask.key_bias` to send gradients to them).
+    float64 scores are ranked in float64, others in float32; NaN ranks lowest.
+
+    Args:
+        scores: ``[B, Hs, KV]``, one score per key; ``Hs`` is the query heads, the KV heads (shared
+            by each query-head group) or 1.
+        k: keys kept per query (all of them while fewer exist).
+        among: restricts the candidates first: ``fm.padding(lengths)``, ``fm.document(ids)``
+            (packed, contiguous documents) or both with ``&``. The result is ``among & top-k``.
+
+    Examples:
+        >>> import torch, flexmask as fm
+        >>> s = torch.tensor([[[5.0, 1.0, 0.0, 3.0, 2.0]]])
+        >>> fm.topk(s, 2).to_dense(5, 5)[0, 0].int().tolist()
+        [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 0, 1, 0], [1, 0, 0, 1, 0]]
+    """
+    return TopK(scores, k, among)
+
+
+def topk_blocks(scores: torch.Tensor, k: int, *, block_size: int = BLOCK, among: Mask | None = None) -> Mask:
+    """Hardware-aligned top-k: each query block keeps its ``k`` best past key blocks plus its own.
+
+    A key block's score is the max of its keys' scores (or give one score per block). Query block
+    ``t`` keeps the ``k`` blocks ``u < t`` with the highest block score (ties to the later block)
+    and its diagonal block, causal inside. Every kept past block is a full block: no mask is
+    evaluated there.
+
+    Args:
+        scores: ``[B, Hs, KV]`` per key or ``[B, Hs, ceil(KV / block_size)]`` per block.
+        k: past key blocks kept per query block.
+        block_size: block length (the BlockMask's, 128 by default).
+        among: ``fm.padding(lengths)`` (blocks past the length don't compete); documents restrict
+            the result but not the ranking.
+
+    Examples:
+        >>> import torch, flexmask as fm
+        >>> s = torch.tensor([[[0.0, 9.0, 1.0, 0.0]]])       # one score per block of 2
+        >>> fm.topk_blocks(s, 1, block_size=2).to_dense(8, 8)[0, 0, 6].int().tolist()
+        [0, 0, 1, 1, 0, 0, 1, 0]
+    """
+    return TopKBlocks(scores, k, block_size, among)

@@ -1,0 +1,69 @@
+"""Gather backend: one decoding query attends to the key positions its content selection gathered.
+
+It reads ``S`` keys and values of the cache (``S = k`` for ``fm.topk``, ``(k + 1) · block`` for
+``fm.topk_blocks``) instead of all ``L``, then evaluates the call's mask and bias at those positions
+with the same lowered ``mask_mod``/``score_mod`` the other backends run, and takes a softmax over
+them. Computation in float32 (float64 for float64 inputs); rows with no kept key give zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..lowering.cache import compiled_on_cuda
+from ..lowering.plan import Plan
+
+
+def run(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Run a ``"gather"`` plan: ``q`` ``[B, Hq, 1, D]`` → ``[B, Hq, 1, Dv]``."""
+    positions, valid = plan.gathered
+    return _attend(q, k, v, positions, valid, plan.scale, plan.score_mod, plan.mask_mod)
+
+
+def _attend_eager(q, k, v, positions, valid, scale: float, score_mod, mask_mod) -> torch.Tensor:
+    B, Hq, _, D = q.shape
+    Hkv, L, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    group = Hq // Hkv
+    hs, S = positions.shape[1], positions.shape[-1]
+    positions = positions.expand(B, hs, S)
+    valid = valid.expand(B, hs, S)
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dev = q.device
+    if hs in (1, Hkv):  # one selection per KV head: gather once per KV head, shared by its query group
+        positions, valid = positions.expand(B, Hkv, S), valid.expand(B, Hkv, S)
+        rows = (torch.arange(B * Hkv, device=dev).view(B, Hkv, 1) * L + positions).reshape(-1)
+        ks = k.reshape(B * Hkv * L, D).index_select(0, rows).view(B, Hkv, S, D)
+        vs = v.reshape(B * Hkv * L, Dv).index_select(0, rows).view(B, Hkv, S, Dv)
+        qg = q.view(B, Hkv, group, D).to(compute)
+        scores = (qg @ ks.to(compute).transpose(-1, -2)).view(B, Hq, 1, S)
+        kv_idx = positions.repeat_interleave(group, 1)[:, :, None, :]
+        keep = valid.repeat_interleave(group, 1)[:, :, None, :]
+    else:  # one selection per query head
+        kv_head = torch.arange(Hq, device=dev) // group
+        base = (torch.arange(B, device=dev).view(B, 1, 1) * Hkv + kv_head.view(1, Hq, 1)) * L
+        rows = (base + positions).reshape(-1)
+        ks = k.reshape(B * Hkv * L, D).index_select(0, rows).view(B, Hq, S, D)
+        vs = v.reshape(B * Hkv * L, Dv).index_select(0, rows).view(B, Hq, S, Dv)
+        scores = q.to(compute) @ ks.to(compute).transpose(-1, -2)  # [B, Hq, 1, S]
+        kv_idx, keep = positions[:, :, None, :], valid[:, :, None, :]
+    scores = scores * scale
+    b = torch.arange(B, device=dev).view(-1, 1, 1, 1)
+    h = torch.arange(Hq, device=dev).view(1, -1, 1, 1)
+    q_idx = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=dev)  # call-local: the one query
+    if score_mod is not None:
+        scores = score_mod(scores, b, h, q_idx, kv_idx).to(compute)
+    if mask_mod is not None:
+        keep = keep & mask_mod(b, h, q_idx, kv_idx)
+    scores = scores.masked_fill(~keep, float("-inf"))
+    alive = keep.any(-1, keepdim=True)
+    p = torch.softmax(torch.where(alive, scores, torch.zeros_like(scores)), dim=-1) * alive
+    if hs in (1, Hkv):
+        out = p.view(B, Hkv, group, S) @ vs.to(compute)  # [B, Hkv, group, Dv]
+        return out.view(B, Hq, 1, Dv).to(q.dtype)
+    return (p @ vs.to(compute)).to(q.dtype)
+
+
+# On CUDA the gathers, the dot products, the mask and bias evaluation and the softmax fuse into a few
+# kernels (about forty launches eagerly, which cost more than the arithmetic at decoding sizes);
+# automatic dynamic shapes, so that a cache growing by one key per step does not recompile.
+_attend = compiled_on_cuda(_attend_eager, dynamic=None)

@@ -1,0 +1,110 @@
+"""Decoding with content masks: the one new query gathers the keys its top-k can keep.
+
+With a KV cache of ``L`` keys, a query under ``fm.topk(scores, k)`` keeps at most ``k`` keys, and
+under ``fm.topk_blocks(scores, k)`` at most ``k + 1`` blocks. Instead of a BlockMask over all ``L``
+keys (where scattered selections make every block partial), the query's candidate positions are
+chosen here with one ``topk`` over an order-preserving integer key per score (``O(L)`` work, no
+sort of the cache), and the backend attends to those positions only, evaluating the rest of the
+mask and the bias there. Fixed shapes, no host synchronisation: it runs inside ``torch.compile``
+and CUDA graphs.
+
+Ties follow the selection's rule exactly (higher score first, then the later key), as do
+candidates: keys of other documents rank below every key of the query's document, and padded
+keys (``-inf`` scores) below every real one; the mask evaluated at the gathered positions then
+removes what is not a candidate, as the full mask would.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .cache import compiled_on_cuda
+from .layout import Layout
+from .prefix_topk import rank_keys
+from .selection import key_candidates
+
+_LOWEST = torch.iinfo(torch.int64).min
+
+
+class Gathered(NamedTuple):
+    """The key positions one decoding query may keep, per selection head.
+
+    Attributes:
+        positions: ``[B, Hs, S]`` int64 absolute key positions (in range; entries not valid repeat one).
+        valid: ``[B, Hs, S]`` bool, whether the content selection keeps that entry.
+    """
+
+    positions: torch.Tensor
+    valid: torch.Tensor
+
+
+def _order_keys(s: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
+    """int64 keys whose order is the selection's: score (higher first), then position (later first);
+    keys of earlier segments (documents before the query's) lowest. ``s`` ``[R, N]``."""
+    n = s.shape[-1]
+    positions = torch.arange(n, device=s.device)
+    if s.dtype == torch.float64 or n >= 1 << 31:  # no exact int64 packing: rank by sorting
+        rank = rank_keys(s, segments)
+        return -rank  # rank 0 (best) → largest key; segments are ranked inside
+    bits = (s.float() + 0.0).view(torch.int32)  # + 0.0: -0.0 becomes 0.0, which it equals
+    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).long()  # monotone in the float's value
+    keys = ordered * (1 << 31) + positions
+    if segments is not None:
+        keys = torch.where(segments == segments[..., -1:], keys, _LOWEST)
+    return keys
+
+
+def topk_candidates(
+    scores: torch.Tensor, k: int, layout: Layout, ids: torch.Tensor | None = None, lengths: torch.Tensor | None = None
+) -> Gathered:
+    """The ``min(k, L)`` keys ``fm.topk(scores, k, among=...)`` keeps for the last of ``L`` positions.
+
+    ``valid`` is all true: the mask evaluated at these positions removes non-candidates.
+    """
+    scores = scores.detach().to(layout.device)
+    top = _topk_positions(scores, k, layout.batch, ids, lengths)
+    return Gathered(top, torch.ones(top.shape, dtype=torch.bool, device=top.device))
+
+
+def _topk_positions_eager(scores, k: int, batch: int, ids, lengths) -> torch.Tensor:
+    s, segments = key_candidates(scores, (batch, scores.device), ids, lengths)
+    b, hs, n = s.shape
+    keys = _order_keys(s.reshape(b * hs, n), None if segments is None else segments.reshape(b * hs, n))
+    return keys.topk(min(k, n), dim=-1, sorted=False).indices.view(b, hs, -1)
+
+
+# on CUDA, a dozen elementwise kernels and a top-k become a few fused ones; automatic dynamic shapes,
+# so that a cache growing by one key per step does not recompile
+_topk_positions = compiled_on_cuda(_topk_positions_eager, dynamic=None)
+
+
+def topk_blocks_candidates(
+    scores: torch.Tensor, k: int, block_size: int, layout: Layout, lengths: torch.Tensor | None = None
+) -> Gathered:
+    """The key positions ``fm.topk_blocks(scores, k)`` keeps for the last of ``L`` positions: its
+    query block's ``k`` best past blocks and the query's own block (``valid`` marks kept positions)."""
+    n = layout.kv_len
+    nb = -(-n // block_size)
+    per_key = scores.shape[-1] != nb
+    s, _ = key_candidates(scores, layout, None, lengths, per_key=per_key)
+    if per_key:  # a block's score is its best key's
+        s = torch.nn.functional.pad(s, (0, nb * block_size - n), value=float("-inf"))
+        s = s.view(*s.shape[:-1], nb, block_size).amax(-1)
+    elif lengths is not None:  # blocks starting past the length don't compete
+        lengths = lengths.to(layout.device).view(-1, 1, 1)
+        s = s.masked_fill(torch.arange(nb, device=layout.device) * block_size >= lengths, float("-inf"))
+    b, hs, _ = s.shape
+    t = (n - 1) // block_size  # the query's block
+    keys = _order_keys(s.reshape(b * hs, nb), None)
+    keys = torch.where(torch.arange(nb, device=s.device) < t, keys, _LOWEST)  # past blocks only
+    picked = min(k, nb)
+    top = keys.topk(picked, dim=-1, sorted=False)
+    blocks = torch.cat([top.indices, torch.full((b * hs, 1), t, device=s.device)], -1)  # + the diagonal block
+    kept = torch.cat([top.values > _LOWEST, torch.ones((b * hs, 1), dtype=torch.bool, device=s.device)], -1)
+    positions = blocks[..., None] * block_size + torch.arange(block_size, device=s.device)
+    valid = kept[..., None] & (positions < n)
+    positions = positions.clamp(max=n - 1)  # (a Python bound: no host-to-device copy, graph-capturable)
+    shape = (b, hs, (picked + 1) * block_size)
+    return Gathered(positions.reshape(shape), valid.reshape(shape))

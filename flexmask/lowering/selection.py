@@ -1,0 +1,146 @@
+"""The selections of content masks (``fm.topk``, ``fm.topk_blocks``) and their block maps.
+
+Pure functions of tensors: the content masks of :mod:`flexmask.algebra.content` call them from
+their lowering hooks, and the graphed builders replay them. Ranking happens in float32, or in
+float64 for float64 scores (near-ties keep their order).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .blocks import block_tensors
+from .cache import compiled_on_cuda
+from .graphs import CudaGraphed
+from .layout import BlockRanges, Layout, block_ranges, cdiv
+from .prefix_topk import block_ranks, interval_ends, interval_extents, rank_keys
+
+_interval_ends_fused = compiled_on_cuda(interval_ends)
+
+
+def ranking_dtype(scores: torch.Tensor) -> torch.dtype:
+    """float64 for float64 scores, float32 otherwise."""
+    return torch.float64 if scores.dtype == torch.float64 else torch.float32
+
+
+def key_candidates(
+    scores: torch.Tensor,
+    layout: Layout | tuple[int, torch.device],
+    ids: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
+    per_key: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Detached scores ``[B, Hs, N]`` with non-candidates at -inf (NaN ranks lowest), and the
+    documents' segment numbers ``[B, Hs, N]`` (nondecreasing) or ``None``.
+
+    Args:
+        scores: ``[B|1, Hs, N]``.
+        ids: packed document ids ``[B|1, N]`` (candidates of a query: its own document).
+        lengths: valid keys per row ``[B|1]`` (keys past it never compete); only with ``per_key``.
+        layout: the call's layout, or its ``(batch, device)``.
+    """
+    batch, device = (layout.batch, layout.device) if isinstance(layout, Layout) else layout
+    s = scores.detach().to(device=device, dtype=ranking_dtype(scores))
+    s = torch.nan_to_num(s, nan=float("-inf"))  # NaN ranks lowest (no device sync to check)
+    s = s.expand(batch, *s.shape[1:])
+    if lengths is not None and per_key:
+        lengths = lengths.to(device).view(-1, 1, 1)
+        s = s.masked_fill(torch.arange(s.shape[-1], device=device) >= lengths, float("-inf"))
+    segments = None
+    if ids is not None:
+        ids = ids.to(device).expand(batch, ids.shape[-1])
+        segments = F.pad(torch.cumsum(ids[:, 1:] != ids[:, :-1], -1), (1, 0))[:, None].expand_as(s)
+    return s, segments
+
+
+def topk_ends(s: torch.Tensor, segments: torch.Tensor | None, k: int, q_len: int) -> torch.Tensor:
+    """Interval ends ``e`` ``[B, Hs, N]`` int32 of a prefix top-``k`` over candidate scores ``s``:
+    query ``i`` keeps key ``j`` iff ``j <= i < e[j]`` (exact for the queries of a call of ``q_len``)."""
+    b, hs, n = s.shape
+    flat = None if segments is None else segments.reshape(b * hs, n)
+    if q_len == 1:  # decoding: the one query (the last position) keeps the k best ranks
+        rank = rank_keys(s.reshape(b * hs, n), flat)
+        pos = torch.arange(n, device=s.device)
+        e = torch.where(rank < k, n, pos).reshape(b, hs, n)
+    else:
+        e = _interval_ends_fused(s.reshape(b * hs, n), k, flat).reshape(b, hs, n)
+    return e.to(torch.int32)
+
+
+def topk_states(ends: torch.Tensor, heads: int, qr: BlockRanges, kr: BlockRanges) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(any, all)`` block maps of the interval mask ``j <= i < ends[j]`` (``ends`` ``[B, Hs, KV]``)."""
+    e_min, e_max = interval_extents(ends, kr.size)
+    # one score head stays one BlockMask head (broadcast): flex's decoding kernel needs that with GQA
+    group = heads // ends.shape[1] if ends.shape[1] > 1 else 1
+    e_max = e_max.repeat_interleave(group, 1)[:, :, None, :]
+    e_min = e_min.repeat_interleave(group, 1)[:, :, None, :]
+    any_ = (kr.lo <= qr.hi) & (e_max > qr.lo)
+    all_ = (kr.hi <= qr.lo) & (e_min > qr.hi)
+    return any_, all_
+
+
+def block_selection(
+    scores: torch.Tensor,
+    k: int,
+    block_size: int,
+    layout: Layout,
+    ids: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``[2, B, Hs, nb]``: each key block's rank (0 = best) and each query block's threshold.
+
+    Query block ``t`` keeps past block ``u < t`` iff ``rank[u] <= threshold[t]``. ``scores`` are
+    per key (a block's score is its best key's) or per block (``nb`` of them).
+    """
+    nb = cdiv(layout.kv_len, block_size)
+    per_key = scores.shape[-1] != nb
+    s, _ = key_candidates(scores, layout, None, lengths, per_key=per_key)
+    if per_key:
+        s = F.pad(s, (0, nb * block_size - layout.kv_len), value=float("-inf"))
+        s = s.view(*s.shape[:-1], nb, block_size).amax(-1)
+    elif lengths is not None:  # blocks starting past the length don't compete
+        lengths = lengths.to(layout.device).view(-1, 1, 1)
+        s = s.masked_fill(torch.arange(nb, device=layout.device) * block_size >= lengths, float("-inf"))
+    b, hs, _ = s.shape
+    return block_ranks(s.reshape(b * hs, nb), k).reshape(2, b, hs, nb)
+
+
+def topk_blocks_states(
+    sel: torch.Tensor, heads: int, block_size: int, qr: BlockRanges, kr: BlockRanges
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(any, all)`` block maps of a block selection ``sel`` (from :func:`block_selection`) when the
+    BlockMask's blocks are the selection's blocks (``qr.size == block_size``)."""
+    group = heads // sel.shape[2] if sel.shape[2] > 1 else 1  # one score head: broadcast
+    rank = sel[0].repeat_interleave(group, 1)  # [B, Hq or 1, nb]
+    threshold = sel[1].repeat_interleave(group, 1)
+    t_lo, t_hi = (qr.lo // block_size)[:, 0], (qr.hi // block_size)[:, 0]  # absolute query blocks
+    u = torch.arange(rank.shape[-1], device=rank.device)
+
+    def selected(t):  # [B, Hq, nQ, nK]: past block u selected for query block t
+        return (u[None, :] < t[:, None]) & (rank[:, :, None, :] <= threshold[:, :, t][..., None])
+
+    s_lo, s_hi = selected(t_lo), selected(t_hi)
+    diagonal = ((u[None, :] >= t_lo[:, None]) & (u[None, :] <= t_hi[:, None])) & (kr.lo <= qr.hi)
+    return s_lo | s_hi | diagonal, s_lo & s_hi
+
+
+def _topk_blocks_build(scores: torch.Tensor, key: tuple) -> tuple[torch.Tensor, ...]:
+    """The selection and the eight BlockMask index tensors of ``topk_blocks(scores, k, block_size)``
+    over ``layout`` (self-attention, no ``among``), all int32: what :data:`graphed_topk_blocks` replays."""
+    k, block_size, layout = key
+    sel = block_selection(scores, k, block_size, layout)
+    qr = block_ranges(layout.q_len, block_size, layout.offset, layout.device, "q")
+    kr = block_ranges(layout.kv_len, block_size, 0, layout.device, "kv")
+    any_, all_ = topk_blocks_states(sel, layout.heads, block_size, qr, kr)
+    shape = torch.broadcast_shapes(any_.shape, all_.shape, (1, 1, qr.count, kr.count))
+    any_ = any_.expand(shape)
+    all_ = all_.expand(shape) & any_
+    return (sel.to(torch.int32), *block_tensors(any_, all_))
+
+
+graphed_topk_blocks = CudaGraphed(_topk_blocks_build)
+"""``graphed_topk_blocks(scores, key=(k, block_size, layout))``: :func:`_topk_blocks_build` from a CUDA graph."""
+
+GRAPHED_BLOCKS_LIMIT = 1 << 22
+"""Largest ``batch × heads × blocks²`` built from a CUDA graph (16 heads at 64k: a pool of ~0.3 GB)."""

@@ -1,0 +1,108 @@
+"""Decoding under content masks: one query gathers the keys its selection may keep (the "gather"
+plan). Each result against float64 attention over brute-force selections; ties, NaN, padding,
+documents, GQA, and every head layout of the scores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flexmask as fm
+from flexmask.lowering.planner import lower
+
+from ._lowering import Layout, lowering
+from ._reference import brute_topk, brute_topk_blocks, heads_to, ref_attention
+
+B, HQ, HKV, D = 2, 4, 2, 16
+
+
+def cache(gen, L, dtype=torch.float64):
+    q = torch.randn(B, HQ, 1, D, generator=gen, dtype=torch.float64).to(dtype)
+    k = torch.randn(B, HKV, L, D, generator=gen, dtype=torch.float64).to(dtype)
+    v = torch.randn(B, HKV, L, D, generator=gen, dtype=torch.float64).to(dtype)
+    return q, k, v
+
+
+def kind(mask, L, **options):
+    low = lowering(Layout(B, HQ, 1, L, torch.device("cpu"), HKV), **options)
+    return lower(mask, None, layout=low.layout, options=low.options, scale=1.0, softcap=None).kind
+
+
+@pytest.mark.parametrize("hs", [1, HKV, HQ])
+@pytest.mark.parametrize("L", [1, 7, 130, 301])
+@pytest.mark.parametrize("score_dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_decode_topk_matches_brute_force(hs, L, score_dtype, gen):
+    q, k, v = cache(gen, L)
+    s = torch.randint(-2, 3, (B, hs, L), generator=gen).to(score_dtype)  # many ties
+    s[0, 0, : L // 2] *= -0.0  # signed zeros equal zeros: ties, later key first
+    if L > 5:
+        s[1, -1, 3] = float("nan")  # NaN ranks lowest
+    for w in (1, 5, L, L + 3):
+        mask = fm.topk(s, w)
+        assert kind(mask, L) == "gather"
+        keep = heads_to(brute_topk(torch.nan_to_num(s.double(), nan=float("-inf")), w), HQ)[:, :, -1:]
+        for bias, dense in ((None, None), (fm.key_bias(s.double()), heads_to(s.double(), HQ)[:, :, None, :])):
+            if dense is not None:
+                dense = torch.nan_to_num(dense, nan=0.0)
+                bias = fm.key_bias(torch.nan_to_num(s.double(), nan=0.0))
+            out = fm.attention(q, k, v, mask=mask, bias=bias)
+            torch.testing.assert_close(out, ref_attention(q, k, v, keep=keep, bias=dense), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("per_block", [False, True])
+@pytest.mark.parametrize("L", [20, 128, 333])
+def test_decode_topk_blocks_matches_brute_force(per_block, L, gen):
+    q, k, v = cache(gen, L)
+    bs = 32
+    nb = -(-L // bs)
+    s = torch.randint(0, 4, (B, HKV, nb if per_block else L), generator=gen).float()
+    per_key = s.repeat_interleave(bs, -1)[..., :L] if per_block else s
+    for blocks in (1, 3, 20):
+        mask = fm.topk_blocks(s, blocks, block_size=bs)
+        keep = heads_to(brute_topk_blocks(per_key, blocks, bs), HQ)[:, :, -1:]
+        out = fm.attention(q, k, v, mask=mask, bias=fm.alibi(HQ))
+        alibi = fm.alibi(HQ).slopes().double().view(HQ, 1, 1) * (torch.arange(L) - (L - 1)).double()
+        torch.testing.assert_close(out, ref_attention(q, k, v, keep=keep, bias=alibi[None]), rtol=1e-12, atol=1e-12)
+
+
+def test_decode_among_padding_and_documents_and_other_factors(gen):
+    L = 260
+    q, k, v = cache(gen, L)
+    s = torch.randn(B, HKV, L, generator=gen)
+    lengths = torch.tensor([260, 201])
+    ids = torch.repeat_interleave(torch.arange(3), torch.tensor([90, 100, 70]))[None].repeat(B, 1)
+    i, j = torch.arange(L).view(-1, 1), torch.arange(L).view(1, -1)
+    same_doc = ids[:, None, :, None] == ids[:, None, None, :]
+    valid = j < lengths.view(-1, 1, 1, 1)
+    cases = [
+        (fm.topk(s, 40, among=fm.padding(lengths)), brute_topk(s, 40, lengths=lengths.tolist()) & valid),
+        (fm.topk(s, 40, among=fm.document(ids)), brute_topk(s, 40, ids=ids.tolist()) & same_doc),
+        (fm.sliding_window(100) & fm.topk(s, 40), brute_topk(s, 40) & (j > i - 100)),
+        (fm.topk(s, 40) & fm.prefix_lm(10) & ~fm.chunked(37), brute_topk(s, 40) & (i // 37 != j // 37)),
+    ]
+    for mask, keep in cases:
+        assert kind(mask, L) == "gather"
+        out = fm.attention(q, k, v, mask=mask, softcap=3.0)
+        want = ref_attention(q, k, v, keep=heads_to(keep, HQ)[:, :, -1:], softcap=3.0)
+        torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    # a content mask under `|` is not a factor: the query may keep keys outside its selection
+    assert kind(fm.topk(s, 40) | fm.causal(), L) == "reference"
+    assert kind(fm.topk(s, 40), L, gather_decode=False) == "reference"
+    assert kind(fm.topk(s, 40), L, backend="reference") == "reference"
+
+
+def test_decode_gather_traces_as_one_graph(gen):
+    """Fixed shapes, no host synchronisation: the whole decode step traces into one graph."""
+    L = 200
+    q, k, v = cache(gen, L, dtype=torch.float32)
+
+    def step(q, k, v, s):
+        return fm.attention(q, k, v, mask=fm.topk(s, 16), bias=fm.key_bias(s))
+
+    s = torch.randn(B, HKV, L, generator=gen)
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(step)(q, k, v, s)
+    assert (explain.graph_count, explain.graph_break_count) == (1, 0), [str(r.reason) for r in explain.break_reasons]
+    compiled = torch.compile(step, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v, s), step(q, k, v, s))
+    torch._dynamo.reset()
