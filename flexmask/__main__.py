@@ -1,5 +1,8 @@
+"""``python -m flexmask``: the command line, :func:`flexmask.tools.cli.main`."""
+
 import sys
 
-from .cli import main
+from .tools.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

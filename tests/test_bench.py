@@ -1,7 +1,8 @@
 """Smoke tests of ``python -m flexmask bench`` on CPU at tiny sizes.
 
 They check the plumbing (every row and column is there, numbers parse, failures become cells and
-the run goes on, ``--out`` writes markdown and JSON), not speed: CPU numbers mean nothing.
+the run goes on, ``--out`` writes markdown and JSON, sizes that do not fit a CPU are refused), not
+speed: CPU numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -13,10 +14,27 @@ import pytest
 import torch
 
 import flexmask as fm
-from flexmask import bench
+from flexmask.tools import cli
+from flexmask.tools.bench import BENCHMARKS, dma, harness, masks, model, options
+from flexmask.tools.bench.handwritten import make_scores
+from flexmask.tools.bench.report import Column, markdown_table
 
-TINY = ["--device", "cpu", "--heads", "2", "--kv-heads", "1", "--head-dim", "16", "--warmup-ms", "0",
-        "--rep-ms", "0", "--cell-timeout", "0"]
+TINY = [
+    "--device",
+    "cpu",
+    "--heads",
+    "2",
+    "--kv-heads",
+    "1",
+    "--head-dim",
+    "16",
+    "--warmup-ms",
+    "0",
+    "--rep-ms",
+    "0",
+    "--cell-timeout",
+    "0",
+]
 
 NUMBER = re.compile(r"^[+-]?\d+(\.\d+)?(e[+-]?\d+)?(x|%)?$")
 
@@ -28,6 +46,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def small_machine(monkeypatch):
+    """A machine with 8 GiB free, whatever this one has: the CPU guard's verdicts do not depend on it."""
+    monkeypatch.setattr(harness, "available_memory", lambda: 8 << 30)
 
 
 def parse_tables(text: str) -> dict[str, list[dict[str, str]]]:
@@ -62,33 +86,49 @@ def section(tables, prefix: str) -> list[dict[str, str]]:
 
 
 def run(capsys, argv: list[str]) -> tuple[int, str]:
-    code = bench.main(argv)
+    code = cli.main(["bench", *argv])
     return code, capsys.readouterr().out
 
 
+def test_registry():
+    assert list(BENCHMARKS) == ["masks", "dma", "decode", "model"]
+    for name, bench in BENCHMARKS.items():
+        assert bench.name == name and bench.help and "CUDA" in bench.description and "--tiny" in bench.description
+
+
 def test_parse_lengths_and_priority():
-    assert bench.parse_lengths("4k,16384, 64K") == [4096, 16384, 65536]
-    assert bench.priority_order([4096, 65536, 16384, 131072], (65536,)) == [65536, 4096, 16384, 131072]
-    assert bench.priority_order([4096, 8192], (32768, 65536)) == [4096, 8192]
+    assert options.parse_lengths("4k,16384, 64K") == [4096, 16384, 65536]
+    assert options.priority_order([4096, 65536, 16384, 131072], (65536,)) == [65536, 4096, 16384, 131072]
+    assert options.priority_order([4096, 8192], (32768, 65536)) == [4096, 8192]
 
 
 def test_markdown_formatting():
-    cols = [bench.Column("a", "A", "ms"), bench.Column("b", "B", "x"), bench.Column("c", "C", "signed_pct")]
-    text = bench.markdown_table(cols, [{"a": 0.01234, "b": 3.0, "c": bench.Note("error: x | y")}])
+    cols = [Column("a", "A", "ms"), Column("b", "B", "x"), Column("c", "C", "signed_pct")]
+    text = markdown_table(cols, [{"a": 0.01234, "b": 3.0, "c": harness.Note("error: x | y")}])
     assert text.splitlines()[2] == "| 0.0123 | 3.00x | error: x / y |"
 
 
 def test_bench_masks_cpu(capsys, tmp_path):
     out = tmp_path / "masks"
-    code, text = run(capsys, ["masks", *TINY, "--lengths", "256", "--window", "64", "--attn-length", "256",
-                              "--out", str(out)])
+    code, text = run(
+        capsys, ["masks", *TINY, "--lengths", "256", "--window", "64", "--attn-length", "256", "--out", str(out)]
+    )
     assert code == 0
     assert "date:" in text and "device: CPU" in text and "command: `python -m flexmask bench masks" in text
     tables = parse_tables(text)
     build = section(tables, "Building the BlockMask")
-    assert list(build[0]) == ["mask", "N", "builder", "BlockMask B×H", "time ms", "first call s", "graphs compiled",
-                              "peak MiB", "flexmask faster by"]
-    assert len(build) == 2 * len(bench.BUILDERS)
+    assert list(build[0]) == [
+        "mask",
+        "N",
+        "builder",
+        "BlockMask B×H",
+        "time ms",
+        "first call s",
+        "graphs compiled",
+        "peak MiB",
+        "flexmask faster by",
+    ]
+    assert len(build) == 2 * len(masks.BUILDERS)
     assert {r["mask"] for r in build} == {"causal & sliding_window(64)", "causal & document(ids)"}
     for r in build:
         assert r["N"] == "256"
@@ -104,8 +144,10 @@ def test_bench_masks_cpu(capsys, tmp_path):
             assert r["time ms"].startswith("skipped (CPU")
     overhead = section(tables, "fm.attention vs hand-written")
     assert [(r["mask"], r["pass"]) for r in overhead] == [
-        ("causal & sliding_window(64)", "fwd"), ("causal & sliding_window(64)", "fwd+bwd"),
-        ("causal & document(ids)", "fwd"), ("causal & document(ids)", "fwd+bwd"),
+        ("causal & sliding_window(64)", "fwd"),
+        ("causal & sliding_window(64)", "fwd+bwd"),
+        ("causal & document(ids)", "fwd"),
+        ("causal & document(ids)", "fwd+bwd"),
     ]
     for r in overhead:
         number(r["fm.attention ms"])
@@ -121,6 +163,62 @@ def test_bench_masks_cpu(capsys, tmp_path):
     assert out.with_suffix(".md").read_text().startswith("# flexmask bench masks")
 
 
+def test_bench_masks_tiny_preset(capsys):
+    """--tiny sets every size; an option given on the command line still wins."""
+    code, text = run(
+        capsys,
+        [
+            "masks",
+            "--tiny",
+            "--device",
+            "cpu",
+            "--window",
+            "32",
+            "--warmup-ms",
+            "0",
+            "--rep-ms",
+            "0",
+            "--builders",
+            "flexmask",
+            "--masks",
+            "window",
+        ],
+    )
+    assert code == 0
+    build = section(parse_tables(text), "Building the BlockMask (H=2)")
+    assert [(r["mask"], r["N"]) for r in build] == [("causal & sliding_window(32)", "256")]
+    assert "fm.attention vs hand-written FlexAttention (N=256, Hq=2, Hkv=1, D=16)" in text
+
+
+@pytest.mark.parametrize(
+    "argv, what",
+    [
+        (["masks"], "eager flex_attention at --attn-length 16384"),
+        (["masks", "--lengths", "256"], "--attn-length 16384"),  # the sizes not given are GPU sizes
+        (["masks", "--lengths", "16384", "--attn-length", "0"], "eager create_block_mask at N=16384"),
+        (["dma"], "eager flex_attention (the flex baselines) at N=65536"),
+        (["dma", "--quick"], "at N=65536"),
+        (["model"], "one training step at N=65536"),
+        (["model", "--lengths", "256"], "one training step at N=256"),  # a 0.5 B-parameter model
+    ],
+)
+def test_cpu_refuses_sizes_that_do_not_fit(capsys, small_machine, argv, what):
+    code = cli.main(["bench", argv[0], "--device", "cpu", *argv[1:]])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"flexmask bench {argv[0]}: error: ")
+    assert what in err and "--tiny" in err
+
+
+def test_cpu_runs_sizes_that_fit(capsys, small_machine):
+    """No flex baseline, no eager builder: nothing dense, so larger N is allowed (and refused nowhere)."""
+    argv = ["masks", *TINY, "--lengths", "2048", "--builders", "flexmask", "--attn-length", "0", "--masks", "window"]
+    code, text = run(capsys, argv)
+    assert code == 0
+    assert [r["N"] for r in section(parse_tables(text), "Building")] == ["2048"]
+
+
 DMA_ARGS = ["dma", *TINY, "--lengths", "256", "--window", "128", "--paper-length", "256"]
 
 
@@ -130,17 +228,22 @@ def check_dma(text: str, variants: list[str], dma_ok: bool = True) -> dict[str, 
         rows = section(tables, prefix)
         expected = []
         for v in variants:
-            scores = ["clustered", "random"] if v in bench.DMA_VARIANTS else ["-"]
+            scores = ["clustered", "random"] if v in dma.DMA_VARIANTS else ["-"]
             expected += [(v, s) for s in scores]
-        key = {"SDPA causal": "sdpa", "flex causal": "flex-causal", "flex sliding window 128": "flex-window",
-               "DMA token top-k 128": "token", "DMA block top-k 1×128": "block"}
+        key = {
+            "SDPA causal": "sdpa",
+            "flex causal": "flex-causal",
+            "flex sliding window 128": "flex-window",
+            "DMA token top-k 128": "token",
+            "DMA block top-k 1×128": "block",
+        }
         got = [(key[r["variant"]], r["scores"]) for r in rows]
         assert sorted(got) == sorted(expected), got
         assert list(rows[0])[:5] == ["N", "variant", "scores", "fwd ms", "fwd+bwd ms"]
         for r in rows:
             variant = key[r["variant"]]
             assert r["N"] == "256"
-            if variant in bench.DMA_VARIANTS and not dma_ok:
+            if variant in dma.DMA_VARIANTS and not dma_ok:
                 continue
             number(r["fwd ms"])
             number(r["fwd vs SDPA"])
@@ -149,7 +252,7 @@ def check_dma(text: str, variants: list[str], dma_ok: bool = True) -> dict[str, 
             else:
                 number(r["fwd+bwd ms"])
                 number(r["fwd+bwd vs SDPA"])
-            if variant in bench.DMA_VARIANTS:
+            if variant in dma.DMA_VARIANTS:
                 for col in ("mask build ms", "build / fwd+bwd", "step ms", "step vs SDPA"):
                     number(r[col])
     return tables
@@ -157,6 +260,7 @@ def check_dma(text: str, variants: list[str], dma_ok: bool = True) -> dict[str, 
 
 def stand_in_topk(monkeypatch):
     """Structural stand-ins with the fm.topk / fm.topk_blocks signatures (plumbing only)."""
+
     def topk(scores, k, *, among=None):
         return fm.causal() & fm.sliding_window(k)
 
@@ -168,7 +272,7 @@ def stand_in_topk(monkeypatch):
 
 
 def test_bench_dma_cpu_plumbing(capsys, monkeypatch):
-    """The DMA rows with structural stand-ins: the bench's own plumbing, whatever the state of dma.py."""
+    """The DMA rows with structural stand-ins: the bench's own plumbing, whatever the state of the core."""
     stand_in_topk(monkeypatch)
     variants = ["sdpa", "token", "block"]
     code, text = run(capsys, [*DMA_ARGS, "--variants", ",".join(variants)])
@@ -177,9 +281,7 @@ def test_bench_dma_cpu_plumbing(capsys, monkeypatch):
 
 
 def test_bench_dma_cpu_real_topk(capsys):
-    if not (hasattr(fm, "topk") and hasattr(fm, "topk_blocks")):
-        pytest.skip("flexmask has no fm.topk / fm.topk_blocks yet")
-    variants = list(bench.VARIANTS)
+    variants = list(dma.VARIANTS)
     code, text = run(capsys, [*DMA_ARGS, "--variants", ",".join(variants)])
     assert code == 0 and "error:" not in text
     check_dma(text, variants)
@@ -192,8 +294,7 @@ def test_bench_dma_errors_become_cells(capsys, monkeypatch):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(fm, "topk", broken)
-    code, text = run(capsys, [*DMA_ARGS, "--variants", "sdpa,token,block", "--paper-length", "0",
-                              "--scores", "random"])
+    code, text = run(capsys, [*DMA_ARGS, "--variants", "sdpa,token,block", "--paper-length", "0", "--scores", "random"])
     assert code == 0
     rows = section(parse_tables(text), "Attention")
     token = [r for r in rows if r["variant"].startswith("DMA token")]
@@ -219,30 +320,47 @@ def test_bench_budget_skips(capsys):
 
 
 def test_bench_help_and_bad_args(capsys):
-    assert bench.main(["--help"]) == 0
+    assert cli.main(["bench", "--help"]) == 0
     assert "masks" in capsys.readouterr().out
-    assert bench.main(["dma", "--variants", "nope"]) == 2
-    assert bench.main(["dma", "--device", "cpu", "--heads", "3", "--kv-heads", "2"]) == 2
-    assert "multiple of --kv-heads" in capsys.readouterr().err
+    assert cli.main(["bench", "dma", "--variants", "nope"]) == 2
+    assert "choose from" in capsys.readouterr().err
+    assert cli.main(["bench", "dma", "--device", "cpu", "--heads", "3", "--kv-heads", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "multiple of --kv-heads" in err and len(err.strip().splitlines()) == 1
+    assert cli.main(["bench", "dma", "--len", "256"]) == 2  # no abbreviations: --quick/--tiny see what was given
+    assert cli.main(["bench", "nope"]) == 2
 
 
 def test_scores_kinds():
     g = torch.Generator().manual_seed(0)
-    for kind in bench.SCORES:
-        s = bench.make_scores(kind, 2, 512, g, torch.device("cpu"))
+    for kind in dma.SCORES:
+        s = make_scores(kind, 2, 512, g, torch.device("cpu"))
         assert s.shape == (1, 2, 512) and s.requires_grad and s.dtype == torch.float32
         assert torch.isfinite(s).all()
-    walk = bench.make_scores("clustered", 1, 4096, g, torch.device("cpu"))[0, 0].detach()
-    noise = bench.make_scores("random", 1, 4096, g, torch.device("cpu"))[0, 0]
+    walk = make_scores("clustered", 1, 4096, g, torch.device("cpu"))[0, 0].detach()
+    noise = make_scores("random", 1, 4096, g, torch.device("cpu"))[0, 0]
     # neighbours are alike in a random walk, unrelated in noise
     assert (walk[1:] - walk[:-1]).abs().mean() < 0.2 < (noise[1:] - noise[:-1]).abs().mean()
 
 
 def test_bench_dma_decode_section(capsys):
-    argv = ["dma", *TINY, "--lengths", "256", "--window", "64", "--paper-length", "0", "--variants", "sdpa",
-            "--decode-lengths", "200,300"]
-    assert bench.main(argv) == 0
-    rows = section(parse_tables(capsys.readouterr().out), "Decoding, Q=1, Hq=2, Hkv=1")
+    argv = [
+        "dma",
+        *TINY,
+        "--lengths",
+        "256",
+        "--window",
+        "64",
+        "--paper-length",
+        "0",
+        "--variants",
+        "sdpa",
+        "--decode-lengths",
+        "200,300",
+    ]
+    code, text = run(capsys, argv)
+    assert code == 0
+    rows = section(parse_tables(text), "Decoding, Q=1, Hq=2, Hkv=1")
     assert [(r["K"], r["variant"]) for r in rows] == [
         (k, v) for k in ("200", "300") for v in ("SDPA (all keys)", "DMA token top-k 64")
     ]
@@ -250,3 +368,81 @@ def test_bench_dma_decode_section(capsys):
         number(r["attention ms"])
         number(r["vs SDPA"])
     number(rows[1]["step ms (fresh mask)"])
+
+
+# ---------------------------------------------------------------------------------------------
+# bench model
+
+MODEL_TINY = ["model", "--tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--cell-timeout", "0"]
+
+
+def test_bench_model_tiny_end_to_end(capsys, tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "model"
+    code, text = run(capsys, [*MODEL_TINY, "--out", str(out)])
+    assert code == 0 and "error:" not in text
+    assert "transformers" in text and "2 layers, hidden 64" in text and "device: CPU" in text
+    rows = section(parse_tables(text), "Training step, 2 layers, hidden 64")
+    assert list(rows[0]) == ["N", "variant", "step ms", "tokens/s", "vs SDPA eager", "peak GiB", "first step s", "loss"]
+    assert [(r["N"], r["variant"]) for r in rows] == [
+        (n, v)
+        for n in ("64", "128")
+        for v in (
+            "SDPA eager",
+            "SDPA (not compiled: --compile off)",
+            "flexmask causal (not compiled: --compile off)",
+            "DMA token top-32 (not compiled: --compile off)",
+            "DMA block top-2×16 (not compiled: --compile off)",
+        )
+    ]
+    for n in ("64", "128"):
+        at_n = [r for r in rows if r["N"] == n]
+        for r in at_n:
+            assert number(r["step ms"]) > 0 and number(r["tokens/s"]) > 0 and number(r["first step s"]) > 0
+            number(r["vs SDPA eager"])
+        losses = [float(r["loss"]) for r in at_n]
+        # one model and one batch per N: SDPA twice and flexmask causal compute the same loss
+        assert losses[0] == pytest.approx(losses[1], abs=1e-4) and losses[0] == pytest.approx(losses[2], abs=1e-4)
+        assert all(abs(x - losses[0]) < 1.0 for x in losses)  # DMA's random gates move it, a little
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["title"] == "flexmask bench model" and "transformers" in saved["meta"]["software"]
+    first = next(iter(saved["sections"].values()))[0]
+    assert first["step_ms"]["n"] == 1 and first["key"] == "sdpa-eager"
+
+
+def test_bench_model_out_of_memory_is_a_cell(capsys, monkeypatch):
+    pytest.importorskip("transformers")
+    measure = model._measure
+
+    def flaky(env, args, config, n, variant, compiled):
+        if variant == "flexmask" and n == 128:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        return measure(env, args, config, n, variant, compiled)
+
+    monkeypatch.setattr(model, "_measure", flaky)
+    code, text = run(capsys, [*MODEL_TINY, "--variants", "sdpa-eager,flexmask"])
+    assert code == 0
+    rows = section(parse_tables(text), "Training step")
+    assert [(r["N"], r["step ms"] == "OOM") for r in rows] == [
+        ("64", False),
+        ("64", False),
+        ("128", False),
+        ("128", True),
+    ]
+
+
+def test_bench_model_bad_options(capsys):
+    assert cli.main(["bench", *MODEL_TINY, "--keep-window", "8", "--block-size", "16"]) == 2
+    assert "smaller than --block-size" in capsys.readouterr().err
+    assert cli.main(["bench", *MODEL_TINY, "--heads", "3"]) == 2
+    assert "multiple of --kv-heads" in capsys.readouterr().err
+    assert cli.main(["bench", *MODEL_TINY, "--layers", "0"]) == 2
+    assert "positive int" in capsys.readouterr().err
+
+
+def test_decode_benchmark_runs_tiny_on_cpu(capsys):
+    status, out = run(capsys, ["decode", "--tiny", "--rep-ms", "0", "--variants", "sdpa,token,block"])
+    assert status == 0
+    rows = section(parse_tables(out), "Decoding step")
+    assert {r["variant"] for r in rows} == {"SDPA (all keys)", "DMA token top-w", "DMA block top-w/128"}
+    assert all(number(r["eager ms"]) > 0 for r in rows)
