@@ -1,7 +1,7 @@
 """Draw masks, attention probabilities and the masks a small DMA model used.
 
 Run: ``python examples/plot_masks.py [OUT_DIR]`` (default ``out/plots``); it prints the files it wrote.
-Takes a few seconds on a CPU.
+Needs matplotlib (``pip install -e '.[viz]'``). Takes a few seconds on a CPU.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import flexmask as fm
-from flexmask.plot import plot, plot_attention, plot_layers, record_masks
+from flexmask.viz import plot, plot_attention, plot_layers, record_masks
 
 
 class TinyDMAModel(nn.Module):
@@ -22,8 +22,7 @@ class TinyDMAModel(nn.Module):
     def __init__(self, hidden: int = 64, heads: int = 4, keep_window: int = 12):
         super().__init__()
         self.layers = nn.ModuleList(
-            fm.DynamicMaskAttention(hidden, num_heads=heads, num_kv_heads=2, keep_window=keep_window)
-            for _ in range(3)
+            fm.DynamicMaskAttention(hidden, num_heads=heads, num_kv_heads=2, keep_window=keep_window) for _ in range(3)
         )
         for layer in self.layers:  # A = 0 would make every layer a plain sliding window
             nn.init.normal_(layer.A, std=1.0)
@@ -57,15 +56,17 @@ def main(out_dir: str = "out/plots") -> list[Path]:
 
     # 3. attention probabilities with a mask and a bias (GQA: 4 query heads over 2 key heads)
     q, k = torch.randn(1, 4, 40, 32), torch.randn(1, 2, 40, 32)
-    save(plot_attention(q, k, mask=fm.causal() & fm.sliding_window(16), bias=fm.alibi(4), softcap=20.0),
-         "attention.png")
+    save(
+        plot_attention(q, k, mask=fm.causal() & fm.sliding_window(16), bias=fm.alibi(4), softcap=20.0), "attention.png"
+    )
 
-    # 4. what every DMA layer of a model kept, for one input: layers × heads
-    model = TinyDMAModel()
+    # 4. what every DMA layer of a model kept for one 2048-token input: layers × heads, each cell the
+    #    share of its 8×8 tokens kept (token level, pooled); titles give each head's sparsity
+    model = TinyDMAModel(keep_window=128)
     with torch.no_grad(), record_masks() as rec:
-        model(torch.randn(1, 48, 64))
-    for i, call in enumerate(rec):
-        print(f"layer {i}: {call.mask!r}, kept per query ≤ {int(call.dense.sum(-1).max())} keys")
+        model(torch.randn(1, 2048, 64))
+    for i, (call, sparsity) in enumerate(zip(rec, rec.sparsity(), strict=True)):
+        print(f"layer {i}: {call.mask!r}, {call.picture.level} picture, sparsity per head {sparsity.round(1)}%")
     save(plot_layers(rec), "dma_layers.pdf")
     return written
 
