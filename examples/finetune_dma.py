@@ -48,8 +48,13 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     vocab = 128
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
     )
     model = LlamaForCausalLM(config).to(device)
     generator = torch.Generator().manual_seed(0)
@@ -61,15 +66,19 @@ def main() -> None:
         before = model(ids[:, : args.keep_window]).logits
         to_dma(model, keep_window=args.keep_window)  # zero A: unchanged inside the window
         after = model(ids[:, : args.keep_window]).logits
-    print(f"converted: {model.config.flexmask_dma}; max |logit change| inside the window "
-          f"{(before - after).abs().max().item():.1e}; sequences of {ids.shape[1]} tokens")
+    print(
+        f"converted: {model.config.flexmask_dma}; max |logit change| inside the window "
+        f"{(before - after).abs().max().item():.1e}; sequences of {ids.shape[1]} tokens"
+    )
 
     model.train()
     new = [p for name, p in model.named_parameters() if name.endswith((".A", ".dt_proj.weight", ".dt_proj.bias"))]
-    opt = torch.optim.AdamW([
-        {"params": new, "lr": 1e-2},  # the new DMA parameters learn faster
-        {"params": [p for p in model.parameters() if all(p is not q for q in new)], "lr": 1e-3},
-    ])
+    opt = torch.optim.AdamW(
+        [
+            {"params": new, "lr": 1e-2},  # the new DMA parameters learn faster
+            {"params": [p for p in model.parameters() if all(p is not q for q in new)], "lr": 1e-3},
+        ]
+    )
     progress = tqdm(range(args.steps), desc="fine-tune DMA")
     for _ in progress:
         ids, labels = recall_batch(args.batch, args.pairs, vocab, generator)
