@@ -262,6 +262,82 @@ def decoding():
     return _finish(fig, "Decoding one query: bf16, Hq 2 / Hkv 1, D 128, w 2048", _source(*reports))
 
 
+DECODE_STYLE = {
+    "sdpa": ("SDPA over all keys", "#444444", "o"),
+    "flex-causal": ("flexmask causal (flex)", "#9467bd", "v"),
+    "token": ("DMA token top-2048 (gather)", "#1f77b4", "^"),
+    "block": ("DMA block top-16×128 (gather)", "#d62728", "D"),
+}
+
+
+def decode_layer():
+    """One layer's decoding step against L cached keys, CUDA-graphed, batch 1 and 8."""
+    reports = [("decode-layer", load("decode-layer"))]
+    fig, axes = _figure(2, width=5.2, height=4.4)
+    rows = _rows(reports[0][1], "Decoding step")
+    for ax, batch in zip(axes, sorted({r["B"] for r in rows}), strict=False):
+        lengths = []
+        for key, (label, colour, marker) in DECODE_STYLE.items():
+            points = {
+                r["L"]: (_ms(r.get("graphed_ms")), r.get("graphed_x"))
+                for r in rows
+                if r["key"] == key and r["B"] == batch and _ms(r.get("graphed_ms")) is not None
+            }
+            if not points:
+                continue
+            ls = sorted(points)
+            lengths += ls
+            ax.plot(ls, [points[n][0] for n in ls], color=colour, marker=marker, label=label)
+            if key != "sdpa":
+                for n in ls:
+                    _speedup(ax, n, points[n][0], points[n][1], colour)
+        _length_axis(ax, lengths, label="cached keys L")
+        _log_times(ax, "ms per decoding step (CUDA graph; lower is faster)")
+        ax.set_title(f"batch {batch}", fontsize=9)
+    axes[0].legend(fontsize=7, loc="upper left")
+    return _finish(
+        fig, "One layer's decoding step: bf16, Hq 16 / Hkv 8, D 128, w 2048 (× = speed vs SDPA)", _source(*reports)
+    )
+
+
+MODEL_STYLE = {
+    "sdpa-eager": ("SDPA eager", "#444444", "o"),
+    "sdpa-compiled": ("SDPA compiled", "#999999", "o"),
+    "flexmask": ("flexmask causal compiled", "#9467bd", "v"),
+    "dma-token": ("DMA token compiled", "#1f77b4", "^"),
+    "dma-block": ("DMA block compiled", "#d62728", "D"),
+}
+
+
+def model_step():
+    """A training step of the 8-layer model against N, per variant."""
+    reports = [("model-8k", load("model-8k")), ("model-64k", load("model-64k"))]
+    fig, (ax,) = _figure(1, width=6.4, height=4.4)
+    series: dict[str, dict[int, float]] = {}
+    for _, report in reports:
+        for row in _rows(report, "Training step"):
+            t = _ms(row.get("step_ms"))
+            if t is not None:
+                series.setdefault(row["key"], {})[row["N"]] = (t, row.get("speedup"))
+    lengths = []
+    for key, (label, colour, marker) in MODEL_STYLE.items():
+        points = series.get(key)
+        if not points:
+            continue
+        ns = sorted(points)
+        lengths += ns
+        ax.plot(ns, [points[n][0] for n in ns], color=colour, marker=marker, label=label)
+        if key not in ("sdpa-eager",):
+            for n in ns:
+                _speedup(ax, n, points[n][0], points[n][1], colour)
+    _length_axis(ax, lengths)
+    _log_times(ax, "ms per training step (lower is faster)")
+    ax.legend(fontsize=7, loc="upper left")
+    return _finish(
+        fig, "8-layer Llama-style model, one training step: bf16, batch 1 (× = speed vs SDPA eager)", _source(*reports)
+    )
+
+
 def figures() -> dict[str, Callable]:
     """Slug → a function drawing that plot of the benchmarks page."""
     return {
@@ -269,6 +345,8 @@ def figures() -> dict[str, Callable]:
         "dma-16-heads": dma_16_heads,
         "paper-sweep": paper_sweep,
         "decoding": decoding,
+        "decode-layer": decode_layer,
+        "model-step": model_step,
     }
 
 

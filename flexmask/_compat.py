@@ -6,6 +6,7 @@ relies on.
 
 from __future__ import annotations
 
+import functools
 import types
 from collections.abc import Callable
 from typing import Any
@@ -40,6 +41,40 @@ def compiled_create_block_mask(
     from torch.nn.attention.flex_attention import create_block_mask
 
     return create_block_mask(mask_mod, batch, heads, q_len, kv_len, device=device, BLOCK_SIZE=block_size, _compile=True)
+
+
+def cpu_flash_attention() -> tuple[Callable, Callable] | None:
+    """``(forward, backward)`` of ATen's CPU flash-attention kernel behind SDPA
+    (``aten._scaled_dot_product_flash_attention_for_cpu`` and its ``_backward``, private ops taking
+    ``attn_mask`` and returning the log-sum-exp), or ``None`` when this torch has none."""
+    try:
+        ops = torch.ops.aten
+        return ops._scaled_dot_product_flash_attention_for_cpu, ops._scaled_dot_product_flash_attention_for_cpu_backward
+    except (AttributeError, RuntimeError):  # pragma: no cover - depends on the torch build
+        return None
+
+
+@functools.cache
+def cpu_flash_native_gqa() -> bool:
+    """Whether this torch's CPU flash kernel reads KV head ``h // (Hq/Hkv)`` itself, forward and
+    backward (probed once per process on a tiny float64 problem: a fact about the installed torch)."""
+    kernels = cpu_flash_attention()
+    if kernels is None:
+        return False
+    flash, flash_backward = kernels
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(1, h, 3, 4, generator=gen, dtype=torch.float64) for h in (4, 2, 2, 4))
+    try:
+        out, lse = flash(q, k, v, scale=0.5)
+        dq, dk, dv = flash_backward(do, q, k, v, out, lse, 0.0, False, scale=0.5)
+    except RuntimeError:
+        return False
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    ref, lse_ref = flash(q, kk, vv, scale=0.5)
+    dq_ref, dk_ref, dv_ref = flash_backward(do, q, kk, vv, ref, lse_ref, 0.0, False, scale=0.5)
+    dk_ref, dv_ref = (g.view(1, 2, 2, 3, 4).sum(2) for g in (dk_ref, dv_ref))
+    pairs = ((out, ref), (dq, dq_ref), (dk, dk_ref), (dv, dv_ref))
+    return all(a.shape == b.shape and torch.allclose(a, b, atol=1e-12) for a, b in pairs)
 
 
 def dynamo_counters() -> dict:

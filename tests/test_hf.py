@@ -31,6 +31,14 @@ def gen(request) -> torch.Generator:
     return g
 
 
+def seeded(build):
+    """Build a model from a fixed seed (this file's results do not depend on what ran before),
+    without touching the global random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1234)
+        return build()
+
+
 def llama(dtype=torch.float32, layers=2):
     cfg = transformers.LlamaConfig(
         vocab_size=V,
@@ -41,7 +49,7 @@ def llama(dtype=torch.float32, layers=2):
         num_key_value_heads=2,
         attn_implementation="sdpa",
     )
-    return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+    return seeded(lambda: transformers.LlamaForCausalLM(cfg)).to(dtype).eval()
 
 
 def qwen3(dtype=torch.float32, sliding=None, layers=4):
@@ -64,7 +72,7 @@ def qwen3(dtype=torch.float32, sliding=None, layers=4):
         attn_implementation="sdpa",
         **extra,
     )
-    return transformers.Qwen3ForCausalLM(cfg).to(dtype).eval()
+    return seeded(lambda: transformers.Qwen3ForCausalLM(cfg)).to(dtype).eval()
 
 
 def doge(keep_window, dtype=torch.float32, gen=None):
@@ -78,7 +86,7 @@ def doge(keep_window, dtype=torch.float32, gen=None):
         keep_window_size=keep_window,
         attn_implementation="eager",
     )
-    model = transformers.DogeForCausalLM(cfg).to(dtype).eval()
+    model = seeded(lambda: transformers.DogeForCausalLM(cfg)).to(dtype).eval()
     with torch.no_grad():  # a trained-looking gate: A != 0, so the dynamic scores differ per key
         for layer in model.model.layers:
             layer.self_attn.A.copy_(torch.randn(layer.self_attn.A.shape, generator=gen))
@@ -570,3 +578,32 @@ def test_gpu_compiled_dma_model_matches_eager(selection):
     assert abs(loss.item() - ref_loss.item()) < 1e-4
     for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads, strict=True):
         assert ((g - r).norm() / r.norm().clamp_min(1e-12)).item() < 1e-3, name
+
+
+@needs_topk
+@pytest.mark.parametrize("selection", ["token", "block"])
+def test_dma_models_under_inference_mode(selection, gen):
+    """Serving stacks run models under torch.inference_mode: a converted model's forward and
+    generate() there give what they give under no_grad (content selections from inference tensors)."""
+    model = llama(torch.float64)
+    fm.hf.to_dma(model, keep_window=8, selection=selection, block_size=4)
+    for layer in model.model.layers:  # nonzero gates: a real content selection
+        layer.self_attn.A.data.normal_(generator=gen)
+    ids = torch.randint(1, V, (2, 24), generator=gen)
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        logits = model(ids).logits
+        tokens = model.generate(ids, **settings)
+    with torch.inference_mode():
+        close(model(ids).logits, logits, torch.float64)
+        assert torch.equal(model.generate(ids, **settings), tokens)
+
+
+def test_doge_under_inference_mode(gen):
+    model = fm.hf.apply(doge(keep_window=5, gen=gen))
+    ids = distinct_tokens(2, 16, gen)
+    settings = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        tokens = model.generate(ids, **settings)
+    with torch.inference_mode():
+        assert torch.equal(model.generate(ids, **settings), tokens)

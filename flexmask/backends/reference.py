@@ -43,7 +43,6 @@ runs in float32 (float64 for float64 inputs); the output is in ``q``'s dtype.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import torch
@@ -51,11 +50,12 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
+from .._compat import cpu_flash_attention, cpu_flash_native_gqa
+
 CHUNK_ELEMENTS = 1 << 24
 CHUNK_ROWS = 256
 
-_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+_flash, _flash_backward = cpu_flash_attention() or (None, None)
 
 
 def reference(
@@ -121,26 +121,11 @@ def reference(
 
 
 def _has_kernel(device: torch.device) -> bool:
-    """Whether the fused path applies: the flash kernel used here is the CPU one."""
-    return device.type == "cpu"
+    """Whether the fused path applies: the flash kernel used here is the CPU one (if this torch has it)."""
+    return device.type == "cpu" and _flash is not None
 
 
-@functools.cache
-def _native_gqa() -> bool:
-    """Whether this torch's CPU flash kernel reads KV head ``h // (Hq/Hkv)`` itself (fwd and bwd)."""
-    gen = torch.Generator().manual_seed(0)
-    q, k, v, do = (torch.randn(1, h, 3, 4, generator=gen, dtype=torch.float64) for h in (4, 2, 2, 4))
-    try:
-        out, lse = _flash(q, k, v, scale=0.5)
-        dq, dk, dv = _flash_backward(do, q, k, v, out, lse, 0.0, False, scale=0.5)
-    except RuntimeError:
-        return False
-    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
-    ref, lse_ref = _flash(q, kk, vv, scale=0.5)
-    dq_ref, dk_ref, dv_ref = _flash_backward(do, q, kk, vv, ref, lse_ref, 0.0, False, scale=0.5)
-    dk_ref, dv_ref = (g.view(1, 2, 2, 3, 4).sum(2) for g in (dk_ref, dv_ref))
-    pairs = ((out, ref), (dq, dq_ref), (dk, dk_ref), (dv, dv_ref))
-    return all(a.shape == b.shape and torch.allclose(a, b, atol=1e-12) for a, b in pairs)
+_native_gqa = cpu_flash_native_gqa
 
 
 class _Plan:

@@ -36,6 +36,7 @@ import torch
 
 import flexmask as fm
 
+from ..._compat import dynamo_counters, raise_recompile_limit
 from ..errors import UsageError
 
 if TYPE_CHECKING:
@@ -151,9 +152,7 @@ def compiled_graphs() -> int:
     if "torch._dynamo" not in sys.modules:  # nothing compiled yet (and importing dynamo takes seconds)
         return 0
     try:
-        from torch._dynamo.utils import counters
-
-        return int(counters["stats"]["unique_graphs"])
+        return int(dynamo_counters()["stats"]["unique_graphs"])
     except Exception:  # pragma: no cover - counters moved
         return 0
 
@@ -330,14 +329,8 @@ def device_name(device: torch.device) -> str:
 
 def configure_compile() -> str:
     """Raise dynamo's recompile limit: every variant and every shape is a new graph of flex_attention."""
-    import torch._dynamo.config as dynamo_config
-
     limit = 256
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(dynamo_config, name):
-            setattr(dynamo_config, name, max(limit, getattr(dynamo_config, name)))
-    if hasattr(dynamo_config, "accumulated_recompile_limit"):
-        dynamo_config.accumulated_recompile_limit = max(4 * limit, dynamo_config.accumulated_recompile_limit)
+    raise_recompile_limit(limit)
     return (
         "flex_attention (hand-written and flexmask) compiled with dynamic=False, one specialised compile per "
         "shape and mask/bias structure; torch's create_block_mask compiled with dynamic=True (one graph per "
