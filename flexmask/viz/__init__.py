@@ -3,7 +3,7 @@
 * Picture data, with numpy and torch only: :func:`mask_picture` / :func:`mask_image` (a mask at
   token, pooled or block level, with its sparsity), :func:`record_masks` (the mask of every
   :func:`flexmask.attention` call of a forward pass), :func:`attention_map` (probabilities).
-* Drawing, with matplotlib (``pip install 'flexmask[viz]'``): :func:`plot`, :func:`draw_picture`,
+* Drawing, with matplotlib (the ``viz`` extra: ``pip install -e '.[viz]'``): :func:`plot`, :func:`draw_picture`,
   :func:`plot_layers`, :func:`plot_attention`, :func:`save_demo_images`. Without matplotlib they
   raise ``ImportError`` naming the extra; ``import flexmask.viz`` works either way.
 

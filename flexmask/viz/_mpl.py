@@ -1,6 +1,6 @@
 """matplotlib, imported only when something is drawn: the guard, figures, colours, ticks, legends.
 
-matplotlib is an optional dependency (``pip install 'flexmask[viz]'``): picture data
+matplotlib is an optional dependency (the ``viz`` extra: ``pip install -e '.[viz]'``): picture data
 (:mod:`flexmask.viz.levels`, :mod:`flexmask.viz.record`, :func:`flexmask.viz.attention_map`) needs
 only numpy and torch; every drawing function calls :func:`require` first.
 """
@@ -30,8 +30,8 @@ def require(what: str) -> None:
         import matplotlib  # noqa: F401
     except ImportError as e:
         raise ImportError(
-            f"{what} draws with matplotlib, which is not installed; install it with "
-            "`pip install 'flexmask[viz]'` (or `pip install matplotlib`). Picture data "
+            f"{what} draws with matplotlib, which is not installed; install flexmask's `viz` extra "
+            "(`pip install -e '.[viz]'` in a flexmask checkout) or `pip install matplotlib`. Picture data "
             "(mask_picture, mask_image, attention_map, record_masks) works without it."
         ) from e
 

@@ -316,12 +316,13 @@ def _dma_targets(report: Report, rows: list[Row], hq: int) -> None:
             (r for r in rows if r["N"] == n and r["key"] == key and r["Hq"] == hq and r["scores"] == scores), None
         )
 
+    # the targets of the project's "token-level DMA that pays off" issue (kernel, Hq 16 / Hkv 8)
     checks = [
-        ("token", 32768, "train_x", 3.0, "token top-k fwd+bwd"),
-        ("token", 65536, "train_x", 6.0, "token top-k fwd+bwd"),
-        ("token", 32768, "fwd_x", 3.5, "token top-k fwd"),
-        ("block", 32768, "train_x", 4.0, "block top-k fwd+bwd"),
-        ("block", 65536, "train_x", 8.0, "block top-k fwd+bwd"),
+        ("token", 32768, "train_x", 3.5, "token top-k fwd+bwd"),
+        ("token", 65536, "train_x", 7.0, "token top-k fwd+bwd"),
+        ("token", 32768, "fwd_x", 4.0, "token top-k fwd"),
+        ("block", 32768, "train_x", 4.5, "block top-k fwd+bwd"),
+        ("block", 65536, "train_x", 9.0, "block top-k fwd+bwd"),
     ]
     for scores in SCORES:
         for key, n, col, target, what in checks:
@@ -339,10 +340,10 @@ def _dma_targets(report: Report, rows: list[Row], hq: int) -> None:
             if r is None:
                 continue
             x = number(r.get("build_pct"))
-            verdict = "n/a" if x is None else ("met" if x <= 10 else "MISSED")
+            verdict = "n/a" if x is None else ("met" if x <= 5 else "MISSED")
             report.targets.append(
                 f"N=32768, {scores} scores: {key} mask build = {fmt(r.get('build_pct'), 'pct')} of fwd+bwd "
-                f"(target ≤ 10%): {verdict}"
+                f"(target ≤ 5%): {verdict}"
             )
 
 
