@@ -34,11 +34,13 @@ def attention(
     softcap: float | None = None,
     backend: Backend = "auto",
     options: Options | None = None,
+    q_offset: int | None = None,
 ) -> torch.Tensor:
     """Masked, biased attention through FlexAttention.
 
     Args:
-        q: ``[B, Hq, Q, D]`` queries; they are the last ``Q`` of the ``KV`` positions.
+        q: ``[B, Hq, Q, D]`` queries; they are the last ``Q`` of the ``KV`` positions (or start at
+            ``q_offset``).
         k: ``[B, Hkv, KV, D]`` keys; ``Hq`` must be a multiple of ``Hkv`` (GQA).
         v: ``[B, Hkv, KV, Dv]`` values.
         mask: a flexmask mask (``fm.causal() & ...``); ``None`` attends everywhere.
@@ -50,6 +52,8 @@ def attention(
             ``options={"backend": ...}``.
         options: per-call options (:class:`flexmask.Options`), applied over the defaults of any
             enclosing ``with fm.options(...)`` block.
+        q_offset: the absolute position of the first query, when the queries are not the last
+            ``Q`` positions (a shard of a sequence split over devices); ``q_offset + Q <= KV``.
 
     Returns:
         ``[B, Hq, Q, Dv]`` in ``q``'s dtype. Rows whose keys are all masked are zeros.
@@ -61,7 +65,7 @@ def attention(
         >>> out.shape
         torch.Size([1, 2, 8, 16])
     """
-    layout = check_inputs(q, k, v)
+    layout = check_inputs(q, k, v, q_offset)
     if mask is not None and not isinstance(mask, Mask):
         raise TypeError(
             f"mask must be a flexmask mask (e.g. fm.causal()), got {type(mask).__name__}; "
@@ -123,8 +127,9 @@ def _needs_grad(q, k, v, bias: Bias | None) -> bool:
     return any(t.requires_grad for t in tensors)
 
 
-def check_inputs(q, k, v) -> Layout:
-    """The :class:`~flexmask.lowering.layout.Layout` of ``q``, ``k``, ``v``, or a clear error."""
+def check_inputs(q, k, v, q_offset: int | None = None) -> Layout:
+    """The :class:`~flexmask.lowering.layout.Layout` of ``q``, ``k``, ``v`` (queries from ``q_offset``,
+    default the last positions), or a clear error."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -157,4 +162,14 @@ def check_inputs(q, k, v) -> Layout:
         )
     if k.shape[2] >= 1 << 31:
         raise ValueError(f"kv_len must be below 2**31 (kernels index positions in int32), got {k.shape[2]:,}")
-    return Layout(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device, k.shape[1])
+    if q_offset is not None:
+        if isinstance(q_offset, bool) or not isinstance(q_offset, int):
+            raise TypeError(f"q_offset must be an int or None, got {type(q_offset).__name__} {q_offset!r}")
+        if not 0 <= q_offset <= k.shape[2] - q.shape[2]:
+            raise ValueError(
+                f"q_offset must be in [0, kv_len - q_len] = [0, {k.shape[2] - q.shape[2]}] (the queries are "
+                f"positions q_offset .. q_offset + q_len - 1 of the keys' sequence), got {q_offset}"
+            )
+        if q_offset == k.shape[2] - q.shape[2]:
+            q_offset = None  # the default layout: one cache entry, one compiled kernel for both
+    return Layout(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device, k.shape[1], q_offset)

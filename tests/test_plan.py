@@ -300,3 +300,33 @@ def test_options_context_and_per_call(gen):
         low = lowering(Layout(1, 1, 30, 30, torch.device("cpu"), 1), backend="flex", cache=enabled)
         plan = lower(fm.document(ids), None, layout=low.layout, options=low.options, scale=1.0, softcap=None)
         assert plan.kind == "flex" and len(cache._lowered) == int(enabled)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_queries_at_an_offset_equal_the_rows_of_the_whole_call(with_bias, gen):
+    """`q_offset` places the queries anywhere in the keys' sequence (a shard of a sequence split over
+    devices): every slice of rows equals those rows of the whole call, for every mask kind."""
+    B, Hq, Hkv, N = 2, 4, 2, 300
+    q, k, v = qkv(gen, B=B, Hq=Hq, Hkv=Hkv, Q=N, KV=N)
+    ids = torch.repeat_interleave(torch.arange(3), torch.tensor([100, 120, 80]))[None].repeat(B, 1)
+    s = torch.randn(B, Hkv, N, generator=gen, dtype=torch.float64)
+    bias = (fm.alibi(Hq) + fm.key_bias(s)) if with_bias else None
+    masks = [
+        fm.causal(),
+        fm.causal() & fm.document(ids),
+        fm.prefix_lm(50),
+        fm.sliding_window(40) | fm.prefix_lm(10),
+        fm.topk(s, 30),
+        fm.topk_blocks(s, 2, block_size=32),
+        fm.document(ids),
+        None,
+    ]
+    for mask in masks:
+        whole = fm.attention(q, k, v, mask=mask, bias=bias)
+        for a, b in ((0, 100), (100, 230), (230, 300), (7, 8), (299, 300)):
+            part = fm.attention(q[:, :, a:b], k, v, mask=mask, bias=bias, q_offset=a)
+            torch.testing.assert_close(part, whole[:, :, a:b], rtol=1e-12, atol=1e-12, msg=lambda m: f"{mask!r}: {m}")
+    with pytest.raises(ValueError, match=r"q_offset must be in \[0, kv_len - q_len\] = \[0, 200\]"):
+        fm.attention(q[:, :, :100], k, v, q_offset=201)
+    with pytest.raises(TypeError, match="q_offset must be an int"):
+        fm.attention(q[:, :, :100], k, v, q_offset=1.0)

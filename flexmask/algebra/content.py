@@ -160,7 +160,9 @@ class TopK(_ContentMask):
 
         def compute():
             s, segments = selection.key_candidates(self.scores, low.layout, self._ids, self._lengths)
-            return selection.topk_ends(s, segments, self.k, low.layout.q_len)
+            layout = low.layout
+            last_only = layout.q_len == 1 and layout.last_query_is_last_key
+            return selection.topk_ends(s, segments, self.k, last_only)
 
         return low.derive(self, "ends", compute)
 

@@ -28,9 +28,11 @@ def cdiv(a: int, b: int) -> int:
 class Layout:
     """The shapes a mask or bias is lowered for.
 
-    Queries are the last ``q_len`` of ``kv_len`` positions (``offset = kv_len - q_len``), so masks
-    and biases always see absolute positions, as with a KV cache. ``heads`` are the query heads;
-    ``kv_heads`` the key/value heads (``None`` when lowering a mask on its own).
+    The queries are positions ``offset .. offset + q_len - 1`` of the keys' sequence: by default the
+    last ``q_len`` of the ``kv_len`` positions (``offset = kv_len - q_len``, as with a KV cache), or
+    from ``q_start`` when a call says so (a shard of a sequence split over devices). Masks and biases
+    always see absolute positions. ``heads`` are the query heads; ``kv_heads`` the key/value heads
+    (``None`` when lowering a mask on its own).
     """
 
     batch: int
@@ -39,10 +41,17 @@ class Layout:
     kv_len: int
     device: torch.device
     kv_heads: int | None = None
+    q_start: int | None = None
 
     @property
     def offset(self) -> int:
-        return self.kv_len - self.q_len
+        """Absolute position of the first query."""
+        return self.kv_len - self.q_len if self.q_start is None else self.q_start
+
+    @property
+    def last_query_is_last_key(self) -> bool:
+        """Whether the last query is the last key's position (always, unless ``q_start`` says otherwise)."""
+        return self.offset + self.q_len == self.kv_len
 
 
 class Offers(enum.Flag):

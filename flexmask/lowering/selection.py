@@ -54,12 +54,13 @@ def key_candidates(
     return s, segments
 
 
-def topk_ends(s: torch.Tensor, segments: torch.Tensor | None, k: int, q_len: int) -> torch.Tensor:
+def topk_ends(s: torch.Tensor, segments: torch.Tensor | None, k: int, last_only: bool = False) -> torch.Tensor:
     """Interval ends ``e`` ``[B, Hs, N]`` int32 of a prefix top-``k`` over candidate scores ``s``:
-    query ``i`` keeps key ``j`` iff ``j <= i < e[j]`` (exact for the queries of a call of ``q_len``)."""
+    query ``i`` keeps key ``j`` iff ``j <= i < e[j]``; with ``last_only``, exact for the last
+    position only (one decoding query: a sort instead of the prefix order statistic)."""
     b, hs, n = s.shape
     flat = None if segments is None else segments.reshape(b * hs, n)
-    if q_len == 1:  # decoding: the one query (the last position) keeps the k best ranks
+    if last_only:  # decoding: the one query (the last position) keeps the k best ranks
         rank = rank_keys(s.reshape(b * hs, n), flat)
         pos = torch.arange(n, device=s.device)
         e = torch.where(rank < k, n, pos).reshape(b, hs, n)

@@ -174,7 +174,7 @@ def _layout_tensors(scores: torch.Tensor, key: tuple) -> tuple[torch.Tensor, ...
     tensors over the layout."""
     k, layout = key
     s, _ = key_candidates(scores, layout)
-    ends = topk_ends(s, None, k, layout.q_len)
+    ends = topk_ends(s, None, k)
     B, hs, n = ends.shape
     p = _plan_fused(ends.reshape(B * hs, n).long(), BLOCK, k)
     m = p["length"]
