@@ -330,3 +330,31 @@ def test_queries_at_an_offset_equal_the_rows_of_the_whole_call(with_bias, gen):
         fm.attention(q[:, :, :100], k, v, q_offset=201)
     with pytest.raises(TypeError, match="q_offset must be an int"):
         fm.attention(q[:, :, :100], k, v, q_offset=1.0)
+
+
+def test_map_keys_replaces_every_key_indexed_tensor(gen):
+    """`_map_keys` (how shards of a split sequence are gathered) reaches every key-indexed tensor
+    of an expression and nothing else; the result equals the expression built from the new tensors."""
+    s = torch.randn(2, 2, 10, generator=gen)
+    ids = torch.tensor([[0] * 4 + [1] * 6] * 2)
+    valid = torch.ones(2, 10, dtype=torch.bool)
+    lengths = torch.tensor([10, 7])
+
+    def twice(t):  # stands for "gather the shards": here, the sequence repeated
+        return torch.cat([t, t], -1)
+
+    mask = (fm.causal() & fm.topk(s, 3, among=fm.padding(lengths) & fm.document(ids))) | ~fm.document(ids)
+    mapped = mask._map_keys(twice)
+    rebuilt = (fm.causal() & fm.topk(twice(s), 3, among=fm.padding(lengths) & fm.document(twice(ids)))) | ~fm.document(
+        twice(ids)
+    )
+    assert repr(mapped) == repr(rebuilt)
+    assert torch.equal(mapped.to_dense(20, 20, heads=2), rebuilt.to_dense(20, 20, heads=2))
+    from flexmask.algebra.masks import KeyMask
+
+    assert KeyMask(valid)._map_keys(twice).valid.shape == (2, 20)
+    assert fm.sliding_window(3)._map_keys(twice).size == 3
+    bias = fm.alibi(2) + fm.key_bias(s) + fm.tensor_bias(torch.zeros(2, 1, 5, 10)) + fm.tensor_bias(torch.zeros(2, 1))
+    shapes = [tuple(p.t.shape) for p in bias._map_keys(twice)._parts() if hasattr(p, "t")]
+    assert shapes == [(2, 2, 20), (2, 1, 5, 20), (2, 1)]
+    assert fm.topk_blocks(s, 1, block_size=2)._map_keys(twice).scores.shape == (2, 2, 20)

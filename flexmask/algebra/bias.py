@@ -46,6 +46,11 @@ class Bias:
         """The constructor data that defines the bias."""
         return tuple(vars(self).values())
 
+    def _map_keys(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Bias:
+        """This bias with every tensor indexed by key position (along its last dimension) replaced by
+        ``fn(tensor)`` (see :meth:`flexmask.Mask._map_keys`); biases without such tensors return themselves."""
+        return self
+
     def __radd__(self, other):
         if isinstance(other, int) and other == 0:  # so that sum([b1, b2, ...]) works
             return self
@@ -178,6 +183,9 @@ class KeyBias(Bias):
     def _key_bias(self):
         return self.t
 
+    def _map_keys(self, fn):
+        return KeyBias(fn(self.t))
+
     def _term(self, layout):
         return key_term(self.t, layout.heads)
 
@@ -223,6 +231,9 @@ class TensorBias(Bias):
             )
         self.t = real_tensor("tensor_bias", t)
 
+    def _map_keys(self, fn):
+        return TensorBias(fn(self.t)) if self.t.shape[-1] > 1 else self
+
     def _term(self, layout):
         t = self.t.reshape((1,) * (4 - self.t.dim()) + tuple(self.t.shape))
         # Broadcast (size-1) dimensions are sliced away (read at 0 whatever the position), so the
@@ -261,6 +272,9 @@ class BiasSum(Bias):
 
     def _parts(self):
         return self.parts
+
+    def _map_keys(self, fn):
+        return BiasSum(*(p._map_keys(fn) for p in self.parts))
 
     def _term(self, layout):
         terms = [p._term(layout) for p in self.parts]

@@ -98,6 +98,12 @@ class _ContentMask(Mask):
     def _gather_factor(self):
         return self
 
+    def _map_keys(self, fn):
+        among = None if self.among is None else self.among._map_keys(fn)
+        if isinstance(self, TopKBlocks):
+            return TopKBlocks(fn(self.scores), self.k, self.block_size, among)
+        return TopK(fn(self.scores), self.k, among)
+
     def _content_mod(self, low: Lowering, fn):
         """``fn`` (the selection's rule) with ``among``; in a gathering lowering of this mask, the
         gather applies the selection, so only ``among`` remains."""

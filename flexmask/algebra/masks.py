@@ -102,6 +102,13 @@ class Mask:
         """The constructor data that defines the mask (tensors, numbers, functions, child masks)."""
         return tuple(vars(self).values())
 
+    def _map_keys(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Mask:
+        """This mask with every tensor indexed by key position (along its last dimension) replaced
+        by ``fn(tensor)``: e.g. each shard of a sequence split over devices gathered into the whole.
+        Masks without such tensors return themselves; a custom function is kept as it is (it sees
+        absolute positions, so it must read whole-sequence tensors)."""
+        return self
+
     # -- the algebra -------------------------------------------------------------------------
     def __and__(self, other: Mask) -> Mask:
         return And(self, _as_mask(other, "&"))
@@ -385,6 +392,9 @@ class Document(Mask):
     def _length(self):
         return self.ids.shape[1]
 
+    def _map_keys(self, fn):
+        return Document(fn(self.ids))
+
     def __repr__(self):
         return f"document(<ids {tuple(self.ids.shape)}>)"
 
@@ -458,6 +468,9 @@ class KeyMask(Mask):
     def _length(self):
         return self.valid.shape[1]
 
+    def _map_keys(self, fn):
+        return KeyMask(fn(self.valid))
+
     def __repr__(self):
         return f"key_mask(<valid {tuple(self.valid.shape)}>)"
 
@@ -500,6 +513,9 @@ class _Combined(Mask):
 
     def _children(self):
         return self.parts
+
+    def _map_keys(self, fn):
+        return type(self)(*(part._map_keys(fn) for part in self.parts))
 
     def _check(self, layout):
         for part in self.parts:
