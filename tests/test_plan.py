@@ -325,7 +325,9 @@ def test_queries_at_an_offset_equal_the_rows_of_the_whole_call(with_bias, gen):
         whole = fm.attention(q, k, v, mask=mask, bias=bias)
         for a, b in ((0, 100), (100, 230), (230, 300), (7, 8), (299, 300)):
             part = fm.attention(q[:, :, a:b], k, v, mask=mask, bias=bias, q_offset=a)
-            torch.testing.assert_close(part, whole[:, :, a:b], rtol=1e-12, atol=1e-12, msg=lambda m: f"{mask!r}: {m}")
+            torch.testing.assert_close(
+                part, whole[:, :, a:b], rtol=1e-12, atol=1e-12, msg=lambda m, mask=mask: f"{mask!r}: {m}"
+            )
     with pytest.raises(ValueError, match=r"q_offset must be in \[0, kv_len - q_len\] = \[0, 200\]"):
         fm.attention(q[:, :, :100], k, v, q_offset=201)
     with pytest.raises(TypeError, match="q_offset must be an int"):
@@ -340,8 +342,8 @@ def test_map_keys_replaces_every_key_indexed_tensor(gen):
     valid = torch.ones(2, 10, dtype=torch.bool)
     lengths = torch.tensor([10, 7])
 
-    def twice(t):  # stands for "gather the shards": here, the sequence repeated
-        return torch.cat([t, t], -1)
+    def twice(t):  # stands for "gather the shards": here, the sequence repeated (new document ids)
+        return torch.cat([t, t + 100 if t.dtype == torch.long else t], -1)
 
     mask = (fm.causal() & fm.topk(s, 3, among=fm.padding(lengths) & fm.document(ids))) | ~fm.document(ids)
     mapped = mask._map_keys(twice)
