@@ -29,8 +29,8 @@ from collections.abc import Callable
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
-from ..algebra.bias import key_term
 from ..lowering.plan import Plan
+from ..lowering.terms import key_term
 from ..settings import Resolved
 from .flex import with_lse
 from .triton import fused_bwd, key_mass

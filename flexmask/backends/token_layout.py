@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ..algebra.bias import key_term
 from ..lowering.plan import Plan
+from ..lowering.terms import key_term
 from .flex import flex
 
 
