@@ -106,3 +106,26 @@ def test_decode_gather_traces_as_one_graph(gen):
     compiled = torch.compile(step, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(q, k, v, s), step(q, k, v, s))
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("score_dtype", [torch.float32, torch.float64])
+def test_decode_a_query_before_the_last_key(score_dtype, gen):
+    """A static KV cache holds empty slots after the query: one query at position p (q_offset=p)
+    gathers what the whole call's row p keeps."""
+    L = 130
+    q, k, v = cache(gen, L)
+    qs = torch.randn(B, HQ, L, D, generator=gen, dtype=torch.float64)
+    s = torch.randint(0, 4, (B, HKV, L), generator=gen).to(score_dtype)
+    ids = torch.repeat_interleave(torch.arange(3), torch.tensor([40, 50, 40]))[None].repeat(B, 1)
+    masks = [
+        fm.topk(s, 9),
+        fm.topk(s, 9, among=fm.document(ids)),
+        fm.topk_blocks(s, 2, block_size=16),
+        fm.causal() & fm.topk(s, 200),
+    ]
+    for mask in masks:
+        whole = fm.attention(qs, k, v, mask=mask)
+        for p in (0, 5, 39, 40, 77, 129):
+            assert kind(mask, L) == "gather"
+            one = fm.attention(qs[:, :, p : p + 1], k, v, mask=mask, q_offset=p)
+            torch.testing.assert_close(one, whole[:, :, p : p + 1], rtol=1e-12, atol=1e-12)

@@ -337,8 +337,6 @@ def test_to_dma_unchanged_inside_window_and_sliding_beyond(gen):
 @pytest.mark.parametrize("bias_form,bias_heads", [("exp", "kv"), ("linear", "q")])
 def test_to_dma_trains_and_round_trips(bias_form, bias_heads, gen, tmp_path):
     model = fm.hf.to_dma(llama().train(), keep_window=6, bias_form=bias_form, bias_heads=bias_heads)
-    with pytest.raises(NotImplementedError, match="static cache"):
-        model.generate(torch.ones(1, 8, dtype=torch.long), max_new_tokens=3, cache_implementation="static")
     attn = model.model.layers[0].self_attn
     assert attn.A.shape == (2 if bias_heads == "kv" else 4,) and not attn.A.any()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -607,3 +605,31 @@ def test_doge_under_inference_mode(gen):
         tokens = model.generate(ids, **settings)
     with torch.inference_mode():
         assert torch.equal(model.generate(ids, **settings), tokens)
+
+
+@needs_topk
+@pytest.mark.parametrize("selection", ["token", "block"])
+def test_dma_generate_with_a_static_cache(selection, gen):
+    """transformers' static cache holds empty slots after the queries: DMA's selection and the
+    model's mask see the queries where they are, and generate() gives the dynamic cache's tokens
+    (left padding, a real content selection)."""
+    model = llama(torch.float64)
+    fm.hf.to_dma(model, keep_window=6, selection=selection, block_size=4)
+    for layer in model.model.layers:
+        layer.self_attn.A.data.normal_(generator=gen)
+    ids = torch.randint(1, V, (2, 14), generator=gen)
+    settings = dict(attention_mask=left_padding(2, 14, 3), max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        dynamic = model.generate(ids, **settings)
+        static = model.generate(ids, cache_implementation="static", **settings)
+    assert torch.equal(static, dynamic)
+
+
+def test_doge_generate_with_a_static_cache(gen):
+    model = fm.hf.apply(doge(keep_window=5, gen=gen))
+    ids = distinct_tokens(2, 12, gen)
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(
+            model.generate(ids, cache_implementation="static", **settings), model.generate(ids, **settings)
+        )

@@ -75,6 +75,9 @@ class ModelMask:
             ``torch.compile`` and for patterns flexmask does not recognise).
         aligned: whether the queries are the last positions of the keys (false for a static
             cache, whose empty slots follow them).
+        q_start: where the queries start among the keys when they are not the last ones and that is
+            known (an eager step with a static cache), else ``None``; the attention passes it on as
+            ``q_offset``, and ``mask`` is then in those absolute positions.
 
     ``generate`` with a static cache builds the mask ahead and hands it to the model as an
     "already prepared" mask: ``ndim``/``contiguous`` let it pass, and the mask interface returns it.
@@ -96,11 +99,12 @@ class ModelMask:
         window: int | None = None,
         structured: bool = True,
         aligned: bool = True,
+        q_start: int | None = None,
         probe: Callable[[], torch.Tensor | None] | None = None,
     ):
         self.mask, self.q_length, self.kv_length = mask, q_length, kv_length
         self.valid, self.documents, self.window = valid, documents, window
-        self.structured, self.aligned = structured, aligned
+        self.structured, self.aligned, self.q_start = structured, aligned, q_start
         self._probe = probe
         self._combined: dict[int, tuple[Any, Mask | None]] = {}
 
@@ -169,7 +173,15 @@ def model_mask(
             valid = None
 
     aligned = isinstance(q_offset, int) and isinstance(kv_offset, int) and q_offset - kv_offset == kv_length - q_length
-    parts = _recognize(mask_function, shallow=compiling) if aligned else None
+    q_start = None
+    if not aligned and not compiling and isinstance(kv_offset, int):
+        # a static cache: the queries sit before its empty slots. Eagerly their position is read
+        # (one host sync) so that masks and DMA's selection see where they are.
+        start = int(q_offset) - kv_offset
+        if 0 <= start <= kv_length - q_length:
+            q_start = start
+    known = aligned or q_start is not None
+    parts = _recognize(mask_function, shallow=compiling) if known else None
     if parts is not None and (parts["documents"] is None or (q_offset == 0 and q_length == kv_length)):
         base = sliding_window(parts["window"]) if parts["window"] is not None else causal() if parts["causal"] else None
         if parts["keys"] is not None:  # a padding function inside the mask function (not transformers' usual way)
@@ -184,10 +196,12 @@ def model_mask(
             valid=valid,
             documents=documents,
             window=parts["window"],
+            q_start=q_start,
         )
 
-    # Generic: transformers' own function, moved to flexmask positions (queries are the last ones).
-    shift_q = q_offset - (kv_length - q_length)
+    # Generic: transformers' own function, moved to flexmask positions (queries are the last ones,
+    # or start at q_start).
+    shift_q = kv_offset if q_start is not None else q_offset - (kv_length - q_length)
     fn = mask_function
 
     def transformers_mask(b, h, q_idx, kv_idx):
@@ -206,6 +220,7 @@ def model_mask(
         structured=False,
         aligned=aligned,
         probe=probe,
+        q_start=q_start,
     )
 
 
@@ -377,6 +392,7 @@ def attention_forward(
         scale=scaling,
         softcap=kwargs.get("softcap"),
         backend="auto" if spec is None else spec.backend,
+        q_offset=attention_mask.q_start,
     )
     return out.transpose(1, 2).contiguous(), None
 
@@ -384,8 +400,11 @@ def attention_forward(
 def _dma_selection(scores: torch.Tensor, config: DMAConfig, model: ModelMask) -> Mask | None:
     """The top-``keep_window`` selection of DMA given the model's mask, or ``None`` when it keeps everything."""
     keep_window = config.keep_window
-    if not model.aligned:
-        raise NotImplementedError("DMA with a static cache (queries not the last keys) is not supported")
+    if not model.aligned and model.q_start is None:
+        raise NotImplementedError(
+            "DMA with a static cache under torch.compile (the queries' position is a tensor there) is not "
+            "supported yet; generate eagerly, or with the default dynamic cache"
+        )
     if scores.shape[-1] <= keep_window:
         return None  # every candidate is kept
     if model.window is not None:

@@ -40,39 +40,49 @@ class Gathered(NamedTuple):
     valid: torch.Tensor
 
 
-def _order_keys(s: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
-    """int64 keys whose order is the selection's: score (higher first), then position (later first);
-    keys of earlier segments (documents before the query's) lowest. ``s`` ``[R, N]``."""
+def _order_keys(s: torch.Tensor, segments: torch.Tensor | None, query: int) -> torch.Tensor:
+    """int64 keys whose order is the selection's for the query at position ``query``: score (higher
+    first), then position (later first); keys after the query, and keys of other segments
+    (documents other than the query's), lowest. ``s`` ``[R, N]``."""
     n = s.shape[-1]
     positions = torch.arange(n, device=s.device)
     if s.dtype == torch.float64 or n >= 1 << 31:  # no exact int64 packing: rank by sorting
-        rank = rank_keys(s, segments)
-        return -rank  # rank 0 (best) → largest key; segments are ranked inside
+        cut = s[..., : query + 1]
+        rank = rank_keys(cut, None if segments is None else segments[..., : query + 1])
+        keys = -rank  # rank 0 (best) → largest key; segments are ranked inside (later ones first)
+        if segments is not None:
+            keys = torch.where(segments[..., : query + 1] == segments[..., query : query + 1], keys, _LOWEST)
+        return torch.nn.functional.pad(keys, (0, n - query - 1), value=_LOWEST)
     bits = (s.float() + 0.0).view(torch.int32)  # + 0.0: -0.0 becomes 0.0, which it equals
     ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).long()  # monotone in the float's value
     keys = ordered * (1 << 31) + positions
     if segments is not None:
-        keys = torch.where(segments == segments[..., -1:], keys, _LOWEST)
+        keys = torch.where(segments == segments[..., query : query + 1], keys, _LOWEST)
+    if query < n - 1:
+        keys = torch.where(positions <= query, keys, _LOWEST)
     return keys
 
 
 def topk_candidates(
     scores: torch.Tensor, k: int, layout: Layout, ids: torch.Tensor | None = None, lengths: torch.Tensor | None = None
 ) -> Gathered:
-    """The ``min(k, L)`` keys ``fm.topk(scores, k, among=...)`` keeps for the last of ``L`` positions.
+    """The at most ``k`` keys ``fm.topk(scores, k, among=...)`` keeps for the one query of ``layout``
+    (at position ``layout.offset``; the last of ``L`` keys unless the call says otherwise).
 
-    ``valid`` is all true: the mask evaluated at these positions removes non-candidates.
+    ``valid`` marks keys at or before the query: the mask evaluated at these positions removes
+    non-candidates.
     """
     scores = scores.detach().to(layout.device)
-    top = _topk_positions(scores, k, layout.batch, ids, lengths)
-    return Gathered(top, torch.ones(top.shape, dtype=torch.bool, device=top.device))
+    query = layout.offset
+    top = _topk_positions(scores, min(k, query + 1), layout.batch, ids, lengths, query)
+    return Gathered(top, top <= query)
 
 
-def _topk_positions_eager(scores, k: int, batch: int, ids, lengths) -> torch.Tensor:
+def _topk_positions_eager(scores, k: int, batch: int, ids, lengths, query: int) -> torch.Tensor:
     s, segments = key_candidates(scores, (batch, scores.device), ids, lengths)
     b, hs, n = s.shape
-    keys = _order_keys(s.reshape(b * hs, n), None if segments is None else segments.reshape(b * hs, n))
-    return keys.topk(min(k, n), dim=-1, sorted=False).indices.view(b, hs, -1)
+    keys = _order_keys(s.reshape(b * hs, n), None if segments is None else segments.reshape(b * hs, n), query)
+    return keys.topk(k, dim=-1, sorted=False).indices.view(b, hs, -1)
 
 
 # on CUDA, a dozen elementwise kernels and a top-k become a few fused ones; automatic dynamic shapes,
@@ -83,8 +93,9 @@ _topk_positions = compiled_on_cuda(_topk_positions_eager, dynamic=None)
 def topk_blocks_candidates(
     scores: torch.Tensor, k: int, block_size: int, layout: Layout, lengths: torch.Tensor | None = None
 ) -> Gathered:
-    """The key positions ``fm.topk_blocks(scores, k)`` keeps for the last of ``L`` positions: its
-    query block's ``k`` best past blocks and the query's own block (``valid`` marks kept positions)."""
+    """The key positions ``fm.topk_blocks(scores, k)`` keeps for the one query (at ``layout.offset``):
+    its query block's ``k`` best past blocks and the query's own block up to it (``valid`` marks kept
+    positions)."""
     n = layout.kv_len
     nb = -(-n // block_size)
     per_key = scores.shape[-1] != nb
@@ -96,15 +107,16 @@ def topk_blocks_candidates(
         lengths = lengths.to(layout.device).view(-1, 1, 1)
         s = s.masked_fill(torch.arange(nb, device=layout.device) * block_size >= lengths, float("-inf"))
     b, hs, _ = s.shape
-    t = (n - 1) // block_size  # the query's block
-    keys = _order_keys(s.reshape(b * hs, nb), None)
+    query = layout.offset
+    t = query // block_size  # the query's block
+    keys = _order_keys(s.reshape(b * hs, nb), None, nb - 1)
     keys = torch.where(torch.arange(nb, device=s.device) < t, keys, _LOWEST)  # past blocks only
     picked = min(k, nb)
     top = keys.topk(picked, dim=-1, sorted=False)
     blocks = torch.cat([top.indices, torch.full((b * hs, 1), t, device=s.device)], -1)  # + the diagonal block
     kept = torch.cat([top.values > _LOWEST, torch.ones((b * hs, 1), dtype=torch.bool, device=s.device)], -1)
     positions = blocks[..., None] * block_size + torch.arange(block_size, device=s.device)
-    valid = kept[..., None] & (positions < n)
+    valid = kept[..., None] & (positions <= query)
     positions = positions.clamp(max=n - 1)  # (a Python bound: no host-to-device copy, graph-capturable)
     shape = (b, hs, (picked + 1) * block_size)
     return Gathered(positions.reshape(shape), valid.reshape(shape))

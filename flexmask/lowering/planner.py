@@ -36,7 +36,7 @@ def lower(mask: Any, bias: Any, *, layout: Layout, options: Resolved, scale: flo
         return f"mask={mask!r}, bias={bias!r}, softcap={softcap}"
 
     common = dict(layout=layout, options=options, scale=scale, describe=describe)
-    decoding = layout.q_len == 1 and layout.last_query_is_last_key
+    decoding = layout.q_len == 1
     if decoding and mask is not None and options.gather_decode and options.backend != "reference":
         factor = mask._gather_factor()
         if factor is not None and Offers.GATHER_DECODE in factor._offers(low):
