@@ -34,7 +34,7 @@ def attention(
     softcap: float | None = None,
     backend: Backend = "auto",
     options: Options | None = None,
-    q_offset: int | None = None,
+    q_offset: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Masked, biased attention through FlexAttention.
 
@@ -53,7 +53,11 @@ def attention(
         options: per-call options (:class:`flexmask.Options`), applied over the defaults of any
             enclosing ``with fm.options(...)`` block.
         q_offset: the absolute position of the first query, when the queries are not the last
-            ``Q`` positions (a shard of a sequence split over devices); ``q_offset + Q <= KV``.
+            ``Q`` positions (a shard of a sequence split over devices; a static KV cache whose
+            empty slots follow the queries); ``q_offset + Q <= KV``. For one decoding query under
+            a content mask (``fm.topk``, ``fm.topk_blocks``, or an ``&`` with one) it may be a
+            one-element integer tensor, which keeps a compiled decoding step free of host syncs
+            (its range is not checked then).
 
     Returns:
         ``[B, Hq, Q, Dv]`` in ``q``'s dtype. Rows whose keys are all masked are zeros.
@@ -127,7 +131,7 @@ def _needs_grad(q, k, v, bias: Bias | None) -> bool:
     return any(t.requires_grad for t in tensors)
 
 
-def check_inputs(q, k, v, q_offset: int | None = None) -> Layout:
+def check_inputs(q, k, v, q_offset: int | torch.Tensor | None = None) -> Layout:
     """The :class:`~flexmask.lowering.layout.Layout` of ``q``, ``k``, ``v`` (queries from ``q_offset``,
     default the last positions), or a clear error."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -162,6 +166,14 @@ def check_inputs(q, k, v, q_offset: int | None = None) -> Layout:
         )
     if k.shape[2] >= 1 << 31:
         raise ValueError(f"kv_len must be below 2**31 (kernels index positions in int32), got {k.shape[2]:,}")
+    if isinstance(q_offset, torch.Tensor):
+        if q_offset.numel() != 1 or q_offset.dtype.is_floating_point or q_offset.dtype == torch.bool:
+            raise TypeError(
+                f"a tensor q_offset must hold one integer, got dtype {q_offset.dtype}, shape {tuple(q_offset.shape)}"
+            )
+        if q.shape[2] != 1:
+            raise ValueError(f"a tensor q_offset is for one decoding query; q has {q.shape[2]} (give an int)")
+        return Layout(q.shape[0], q.shape[1], 1, k.shape[2], q.device, k.shape[1], q_offset.reshape(1).long())
     if q_offset is not None:
         if isinstance(q_offset, bool) or not isinstance(q_offset, int):
             raise TypeError(f"q_offset must be an int or None, got {type(q_offset).__name__} {q_offset!r}")

@@ -633,3 +633,32 @@ def test_doge_generate_with_a_static_cache(gen):
         assert torch.equal(
             model.generate(ids, cache_implementation="static", **settings), model.generate(ids, **settings)
         )
+
+
+@needs_topk
+@pytest.mark.parametrize("kind", ["dma-token", "dma-block", "doge", "apply-window"])
+def test_compiled_generate_with_a_static_cache(kind, gen):
+    """transformers compiles the decoding step when the cache is static (here with dynamo's eager
+    backend, `fullgraph=True`, on CPU): the step reads the query's position as a tensor, with no
+    graph break, and the tokens equal eager generation with the dynamic cache."""
+    if kind == "doge":
+        model = fm.hf.apply(doge(keep_window=5, gen=gen))
+        ids = distinct_tokens(2, 12, gen)
+    else:
+        model = llama(torch.float64)
+        if kind == "apply-window":  # a user mask on top of the model's, in absolute positions
+            fm.hf.apply(model, mask=fm.sliding_window(5))
+        else:
+            fm.hf.to_dma(model, keep_window=6, selection=kind.removeprefix("dma-"), block_size=4)
+            for layer in model.model.layers:
+                layer.self_attn.A.data.normal_(generator=gen)
+        ids = torch.randint(1, V, (2, 12), generator=gen)
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    compile_config = transformers.CompileConfig(backend="eager", fullgraph=True)
+    compile_config._compile_all_devices = True  # transformers compiles on GPUs only, unless told
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = model.generate(ids, **settings)
+        got = model.generate(ids, cache_implementation="static", compile_config=compile_config, **settings)
+    torch._dynamo.reset()
+    assert torch.equal(got, want)

@@ -223,7 +223,12 @@ class TensorBias(Bias):
         # term also works as a standalone score_mod, whose layout does not know the call's sizes.
         dims = tuple(d for d in range(4) if t.shape[d] > 1)
         t = t[tuple(slice(None) if d in dims else 0 for d in range(4))]
-        offset = torch.full((1,), layout.offset, device=layout.device)  # see lowering.layout.shift_queries
+        offset = layout.offset  # a one-element tensor, as lowering.layout.shift_queries captures it
+        offset = (
+            offset.reshape(1).to(device=layout.device, dtype=torch.int64)
+            if isinstance(offset, torch.Tensor)
+            else torch.full((1,), offset, device=layout.device)
+        )
 
         def tensor_bias(b, h, q_idx, kv_idx):
             idx = (b, h, q_idx - offset[0], kv_idx)

@@ -24,6 +24,12 @@ def _attend_eager(q, k, v, positions, valid, scale: float, score_mod, mask_mod) 
     B, Hq, _, D = q.shape
     Hkv, L, Dv = k.shape[1], k.shape[2], v.shape[-1]
     group = Hq // Hkv
+    if positions is None:  # every key: the cache as it is, no copy
+        positions = torch.arange(L, device=q.device).expand(B, 1, L)
+        valid = torch.ones(B, 1, L, dtype=torch.bool, device=q.device)
+        ks, vs = k, v
+    else:
+        ks = vs = None
     hs, S = positions.shape[1], positions.shape[-1]
     positions = positions.expand(B, hs, S)
     valid = valid.expand(B, hs, S)
@@ -32,8 +38,9 @@ def _attend_eager(q, k, v, positions, valid, scale: float, score_mod, mask_mod) 
     if hs in (1, Hkv):  # one selection per KV head: gather once per KV head, shared by its query group
         positions, valid = positions.expand(B, Hkv, S), valid.expand(B, Hkv, S)
         rows = (torch.arange(B * Hkv, device=dev).view(B, Hkv, 1) * L + positions).reshape(-1)
-        ks = k.reshape(B * Hkv * L, D).index_select(0, rows).view(B, Hkv, S, D)
-        vs = v.reshape(B * Hkv * L, Dv).index_select(0, rows).view(B, Hkv, S, Dv)
+        if ks is None:
+            ks = k.reshape(B * Hkv * L, D).index_select(0, rows).view(B, Hkv, S, D)
+            vs = v.reshape(B * Hkv * L, Dv).index_select(0, rows).view(B, Hkv, S, Dv)
         qg = q.view(B, Hkv, group, D).to(compute)
         scores = (qg @ ks.to(compute).transpose(-1, -2)).view(B, Hq, 1, S)
         kv_idx = positions.repeat_interleave(group, 1)[:, :, None, :]

@@ -75,9 +75,10 @@ class ModelMask:
             ``torch.compile`` and for patterns flexmask does not recognise).
         aligned: whether the queries are the last positions of the keys (false for a static
             cache, whose empty slots follow them).
-        q_start: where the queries start among the keys when they are not the last ones and that is
-            known (an eager step with a static cache), else ``None``; the attention passes it on as
-            ``q_offset``, and ``mask`` is then in those absolute positions.
+        q_start: where the queries start among the keys when they are not the last ones (a static
+            cache): an int eagerly, a one-element tensor for one decoding query under
+            ``torch.compile``, else ``None``; the attention passes it on as ``q_offset``, and
+            ``mask`` is then in those absolute positions.
 
     ``generate`` with a static cache builds the mask ahead and hands it to the model as an
     "already prepared" mask: ``ndim``/``contiguous`` let it pass, and the mask interface returns it.
@@ -174,12 +175,16 @@ def model_mask(
 
     aligned = isinstance(q_offset, int) and isinstance(kv_offset, int) and q_offset - kv_offset == kv_length - q_length
     q_start = None
-    if not aligned and not compiling and isinstance(kv_offset, int):
-        # a static cache: the queries sit before its empty slots. Eagerly their position is read
-        # (one host sync) so that masks and DMA's selection see where they are.
-        start = int(q_offset) - kv_offset
-        if 0 <= start <= kv_length - q_length:
-            q_start = start
+    if not aligned and isinstance(kv_offset, int):
+        # a static cache: the queries sit before its empty slots, and masks and DMA's selection must
+        # see where they are. Eagerly their position is read (one host sync); one decoding query
+        # under torch.compile keeps it a tensor (flexmask attends to it without reading it).
+        if not compiling:
+            start = int(q_offset) - kv_offset
+            if 0 <= start <= kv_length - q_length:
+                q_start = start
+        elif q_length == 1 and isinstance(q_offset, torch.Tensor):
+            q_start = (q_offset - kv_offset).reshape(1)
     known = aligned or q_start is not None
     parts = _recognize(mask_function, shallow=compiling) if known else None
     if parts is not None and (parts["documents"] is None or (q_offset == 0 and q_length == kv_length)):
@@ -402,8 +407,8 @@ def _dma_selection(scores: torch.Tensor, config: DMAConfig, model: ModelMask) ->
     keep_window = config.keep_window
     if not model.aligned and model.q_start is None:
         raise NotImplementedError(
-            "DMA with a static cache under torch.compile (the queries' position is a tensor there) is not "
-            "supported yet; generate eagerly, or with the default dynamic cache"
+            "DMA with a static cache over several queries under torch.compile (a compiled prefill) is not "
+            "supported; prefill eagerly (transformers does), or use the default dynamic cache"
         )
     if scores.shape[-1] <= keep_window:
         return None  # every candidate is kept

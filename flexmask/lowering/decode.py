@@ -28,39 +28,49 @@ from .selection import key_candidates
 _LOWEST = torch.iinfo(torch.int64).min
 
 
+def _as_position(query: int | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``[1, 1]`` int64 on ``device``: a fill for an int (no host-to-device copy, graph-capturable)."""
+    if isinstance(query, torch.Tensor):
+        return query.reshape(1, 1).to(device=device, dtype=torch.int64)
+    return torch.full((1, 1), query, dtype=torch.int64, device=device)
+
+
 class Gathered(NamedTuple):
     """The key positions one decoding query may keep, per selection head.
 
     Attributes:
-        positions: ``[B, Hs, S]`` int64 absolute key positions (in range; entries not valid repeat one).
-        valid: ``[B, Hs, S]`` bool, whether the content selection keeps that entry.
+        positions: ``[B, Hs, S]`` int64 absolute key positions (in range; entries not valid repeat one),
+            or ``None``: every key (a decoding query whose mask has no content factor).
+        valid: ``[B, Hs, S]`` bool, whether the content selection keeps that entry (``None`` with
+            ``positions=None``).
     """
 
-    positions: torch.Tensor
-    valid: torch.Tensor
+    positions: torch.Tensor | None
+    valid: torch.Tensor | None
 
 
-def _order_keys(s: torch.Tensor, segments: torch.Tensor | None, query: int) -> torch.Tensor:
-    """int64 keys whose order is the selection's for the query at position ``query``: score (higher
-    first), then position (later first); keys after the query, and keys of other segments
-    (documents other than the query's), lowest. ``s`` ``[R, N]``."""
-    n = s.shape[-1]
+def _order_keys(s: torch.Tensor, segments: torch.Tensor | None, query: int | torch.Tensor) -> torch.Tensor:
+    """int64 keys whose order is the selection's for the query at position ``query`` (an int or a
+    one-element tensor): score (higher first), then position (later first); keys after the query,
+    and keys of other segments (documents other than the query's), lowest. ``s`` ``[R, N]``."""
+    rows, n = s.shape
     positions = torch.arange(n, device=s.device)
-    if s.dtype == torch.float64 or n >= 1 << 31:  # no exact int64 packing: rank by sorting
-        cut = s[..., : query + 1]
-        rank = rank_keys(cut, None if segments is None else segments[..., : query + 1])
-        keys = -rank  # rank 0 (best) → largest key; segments are ranked inside (later ones first)
-        if segments is not None:
-            keys = torch.where(segments[..., : query + 1] == segments[..., query : query + 1], keys, _LOWEST)
-        return torch.nn.functional.pad(keys, (0, n - query - 1), value=_LOWEST)
-    bits = (s.float() + 0.0).view(torch.int32)  # + 0.0: -0.0 becomes 0.0, which it equals
-    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).long()  # monotone in the float's value
-    keys = ordered * (1 << 31) + positions
+    before = positions <= query  # [N] (a tensor comparison also for a tensor query: no host sync)
+    same = None
     if segments is not None:
-        keys = torch.where(segments == segments[..., query : query + 1], keys, _LOWEST)
-    if query < n - 1:
-        keys = torch.where(positions <= query, keys, _LOWEST)
-    return keys
+        at_query = segments.gather(-1, _as_position(query, s.device).expand(rows, 1))
+        same = segments == at_query
+    if s.dtype == torch.float64 or n >= 1 << 31:  # no exact int64 packing: rank by sorting
+        # keys after the query rank after every key before it (a lowest segment of their own)
+        seg = torch.where(before, segments if segments is not None else torch.zeros_like(positions), -1)
+        keys = -rank_keys(s, seg.expand(rows, n))  # rank 0 (best) → the largest key
+    else:
+        bits = (s.float() + 0.0).view(torch.int32)  # + 0.0: -0.0 becomes 0.0, which it equals
+        ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).long()  # monotone in the float's value
+        keys = ordered * (1 << 31) + positions
+    if same is not None:
+        keys = torch.where(same, keys, _LOWEST)
+    return torch.where(before, keys, _LOWEST)
 
 
 def topk_candidates(
@@ -74,11 +84,11 @@ def topk_candidates(
     """
     scores = scores.detach().to(layout.device)
     query = layout.offset
-    top = _topk_positions(scores, min(k, query + 1), layout.batch, ids, lengths, query)
-    return Gathered(top, top <= query)
+    top = _topk_positions(scores, min(k, layout.kv_len), layout.batch, ids, lengths, query)
+    return Gathered(top, top <= query)  # past the query: picked only when fewer keys exist
 
 
-def _topk_positions_eager(scores, k: int, batch: int, ids, lengths, query: int) -> torch.Tensor:
+def _topk_positions_eager(scores, k: int, batch: int, ids, lengths, query) -> torch.Tensor:
     s, segments = key_candidates(scores, (batch, scores.device), ids, lengths)
     b, hs, n = s.shape
     keys = _order_keys(s.reshape(b * hs, n), None if segments is None else segments.reshape(b * hs, n), query)
@@ -108,12 +118,12 @@ def topk_blocks_candidates(
         s = s.masked_fill(torch.arange(nb, device=layout.device) * block_size >= lengths, float("-inf"))
     b, hs, _ = s.shape
     query = layout.offset
-    t = query // block_size  # the query's block
+    t = _as_position(query, s.device) // block_size  # the query's block
     keys = _order_keys(s.reshape(b * hs, nb), None, nb - 1)
     keys = torch.where(torch.arange(nb, device=s.device) < t, keys, _LOWEST)  # past blocks only
     picked = min(k, nb)
     top = keys.topk(picked, dim=-1, sorted=False)
-    blocks = torch.cat([top.indices, torch.full((b * hs, 1), t, device=s.device)], -1)  # + the diagonal block
+    blocks = torch.cat([top.indices, t.expand(b * hs, 1)], -1)  # + the diagonal block
     kept = torch.cat([top.values > _LOWEST, torch.ones((b * hs, 1), dtype=torch.bool, device=s.device)], -1)
     positions = blocks[..., None] * block_size + torch.arange(block_size, device=s.device)
     valid = kept[..., None] & (positions <= query)

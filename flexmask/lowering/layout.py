@@ -41,17 +41,22 @@ class Layout:
     kv_len: int
     device: torch.device
     kv_heads: int | None = None
-    q_start: int | None = None
+    q_start: int | torch.Tensor | None = None
 
     @property
-    def offset(self) -> int:
-        """Absolute position of the first query."""
+    def offset(self) -> int | torch.Tensor:
+        """Absolute position of the first query: an int, or a one-element int64 tensor when a call
+        gives its one decoding query's position as a tensor (a static KV cache under ``torch.compile``)."""
         return self.kv_len - self.q_len if self.q_start is None else self.q_start
+
+    @property
+    def offset_is_tensor(self) -> bool:
+        return isinstance(self.q_start, torch.Tensor)
 
     @property
     def last_query_is_last_key(self) -> bool:
         """Whether the last query is the last key's position (always, unless ``q_start`` says otherwise)."""
-        return self.offset + self.q_len == self.kv_len
+        return not self.offset_is_tensor and self.offset + self.q_len == self.kv_len
 
 
 class Offers(enum.Flag):
@@ -135,18 +140,21 @@ def per_block_min_max(x: torch.Tensor, block_size: int, start: int = 0, length: 
     return x.amin(-1), x.amax(-1)
 
 
-def shift_queries(mod: ModFn, offset: int, device: torch.device) -> ModFn:
+def shift_queries(mod: ModFn, offset: int | torch.Tensor, device: torch.device) -> ModFn:
     """Turn a mask/score function of absolute query positions into one of call-local positions.
 
     The offset is captured as a one-element tensor (read with ``[0]``, a load in the kernel) so that
     a growing KV cache does not recompile; a 0-d tensor would become a host scalar, which
     dynamic-shape flex kernels fail to lower inside a score_mod (seen with torch 2.11 on an H100).
     """
-    if offset == 0:
+    if isinstance(offset, torch.Tensor):
+        shift = offset.reshape(1).to(device=device, dtype=torch.int64)
+    elif offset == 0:
         return mod
-    # torch.full launches a fill kernel; torch.tensor([offset], device=...) would copy from pageable
-    # host memory, which synchronises the stream on every decoding step
-    shift = torch.full((1,), offset, device=device)
+    else:
+        # torch.full launches a fill kernel; torch.tensor([offset], device=...) would copy from
+        # pageable host memory, which synchronises the stream on every decoding step
+        shift = torch.full((1,), offset, device=device)
 
     def shifted(b, h, q_idx, kv_idx):
         return mod(b, h, q_idx + shift[0], kv_idx)

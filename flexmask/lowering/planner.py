@@ -24,6 +24,7 @@ import torch
 from ..settings import Resolved
 from .blocks import build_block_mask
 from .cache import constant, lowered
+from .decode import Gathered
 from .layout import BLOCK, Layout, Lowering, ModFn, Offers, shift_queries
 from .plan import Plan
 
@@ -41,11 +42,23 @@ def lower(mask: Any, bias: Any, *, layout: Layout, options: Resolved, scale: flo
         factor = mask._gather_factor()
         if factor is not None and Offers.GATHER_DECODE in factor._offers(low):
             gathered, mask_mod = lowered(
-                (mask,), ("gather", layout), lambda: _gather(mask, factor, layout, options), enabled=options.cache
+                (mask,),
+                ("gather", layout),
+                lambda: _gather(mask, factor, layout, options),
+                enabled=options.cache and not layout.offset_is_tensor,
             )
             return Plan(
                 "gather", gathered=gathered, mask_mod=mask_mod, score_mod=lower_score(bias, softcap, layout), **common
             )
+    if layout.offset_is_tensor:  # one query at a tensor position: its mask evaluated at every key
+        mask_mod = None if mask is None else shift_queries(mask._mask_mod(low), layout.offset, layout.device)
+        return Plan(
+            "gather",
+            gathered=Gathered(None, None),
+            mask_mod=mask_mod,
+            score_mod=lower_score(bias, softcap, layout),
+            **common,
+        )
     backend = options.backend
     if backend == "auto":
         backend = "flex" if layout.device.type == "cuda" else "reference"
