@@ -91,7 +91,7 @@ def run(capsys, argv: list[str]) -> tuple[int, str]:
 
 
 def test_registry():
-    assert list(BENCHMARKS) == ["masks", "dma", "decode", "model"]
+    assert list(BENCHMARKS) == ["masks", "dma", "decode", "model", "generate"]
     for name, bench in BENCHMARKS.items():
         assert bench.name == name and bench.help and "CUDA" in bench.description and "--tiny" in bench.description
 
@@ -446,3 +446,12 @@ def test_decode_benchmark_runs_tiny_on_cpu(capsys):
     rows = section(parse_tables(out), "Decoding step")
     assert {r["variant"] for r in rows} == {"SDPA (all keys)", "DMA token top-w", "DMA block top-w/128"}
     assert all(number(r["eager ms"]) > 0 for r in rows)
+
+
+def test_generate_benchmark_runs_tiny_on_cpu(capsys):
+    status, out = run(capsys, ["generate", "--tiny", "--variants", "sdpa,flexmask,dma-token"])
+    assert status == 0
+    rows = section(parse_tables(out), "generate()")
+    assert [r["variant"] for r in rows] == ["SDPA", "flexmask causal", "DMA token"]
+    assert rows[1]["tokens = SDPA's"] == "yes"  # flexmask causal decodes SDPA's tokens
+    assert all(number(r["decode tokens/s"]) > 0 for r in rows)

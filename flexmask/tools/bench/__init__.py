@@ -9,7 +9,7 @@ of :mod:`.options`, the baselines of :mod:`.handwritten` and the markdown + JSON
 Examples:
     >>> from flexmask.tools.bench import BENCHMARKS
     >>> list(BENCHMARKS)
-    ['masks', 'dma', 'decode', 'model']
+    ['masks', 'dma', 'decode', 'model', 'generate']
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ import warnings
 
 import torch
 
-from . import decoding, dma, masks, model
+from . import decoding, dma, generate, masks, model
 from .harness import Benchmark
 
 #: The ``bench`` subcommands, by name.
 BENCHMARKS: dict[str, Benchmark] = {
-    b.name: b for b in (masks.BENCHMARK, dma.BENCHMARK, decoding.BENCHMARK, model.BENCHMARK)
+    b.name: b for b in (masks.BENCHMARK, dma.BENCHMARK, decoding.BENCHMARK, model.BENCHMARK, generate.BENCHMARK)
 }
 
 
