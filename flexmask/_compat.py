@@ -84,6 +84,22 @@ def dynamo_counters() -> dict:
     return counters
 
 
+def all_gather_into_tensor():
+    """``torch.distributed``'s flat all-gather (``all_gather_single`` from torch 2.13,
+    ``all_gather_into_tensor`` before)."""
+    import torch.distributed as dist
+
+    return getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def reduce_scatter_tensor():
+    """``torch.distributed``'s flat reduce-scatter (``reduce_scatter_single`` from torch 2.13,
+    ``reduce_scatter_tensor`` before)."""
+    import torch.distributed as dist
+
+    return getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 # -- transformers --------------------------------------------------------------------------------
 
 _MASKING_UTILS: types.ModuleType | None = None
