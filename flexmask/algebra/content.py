@@ -98,6 +98,9 @@ class _ContentMask(Mask):
     def _gather_factor(self):
         return self
 
+    def _blocks_say_little(self):
+        return True
+
     def _map_keys(self, fn):
         among = None if self.among is None else self.among._map_keys(fn)
         if isinstance(self, TopKBlocks):

@@ -95,6 +95,11 @@ class Mask:
         """Whether its ``mask_mod`` depends on the call's lengths beyond what its tensors fix."""
         return any(child._needs_lengths() for child in self._children())
 
+    def _blocks_say_little(self) -> bool:
+        """Whether its block maps say little about which keys are kept (content selections, custom
+        functions: most of their blocks are "partial"); pictures then show kept keys instead."""
+        return any(child._blocks_say_little() for child in self._children())
+
     def _children(self) -> tuple[Mask, ...]:
         return ()
 
@@ -486,6 +491,9 @@ class Custom(Mask):
 
     def _mask_mod(self, low):
         return self.fn
+
+    def _blocks_say_little(self):
+        return True
 
     def _classify(self, low, qr, kr):
         layout = low.layout

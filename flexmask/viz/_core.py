@@ -20,7 +20,6 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 from ..algebra.bias import Bias
-from ..algebra.content import TopK, TopKBlocks
 from ..algebra.masks import Custom, Mask, full
 from ..functional import _checked, check_inputs, check_scale, check_softcap, observers
 from ..lowering.blocks import states_from_block_mask
@@ -102,7 +101,7 @@ def _walk(mask: Mask) -> Iterator[Mask]:
 def unstructured(mask: Mask) -> bool:
     """Whether any part of ``mask`` is a content mask (``fm.topk``, ``fm.topk_blocks``) or a custom
     function (``fm.mask``): parts whose block maps say little about which keys were kept."""
-    return any(isinstance(m, (TopK, TopKBlocks, Custom)) for m in _walk(mask))
+    return mask._blocks_say_little()
 
 
 def has_custom(mask: Mask) -> bool:
