@@ -26,7 +26,6 @@ except ImportError:  # pragma: no cover - depends on the install
 BLOCK = 128
 LOG2E = 1.4426950408889634  # the kernels work in base 2: P = exp2(scale·log2(e)·q·k + t·log2(e) − lse·log2(e))
 
-
 def kernels_apply(q: torch.Tensor, block_mask: BlockMask | None, max_head_dim: int) -> bool:
     """Whether this module's kernels (and :mod:`.fused_bwd`'s) can run: CUDA, Triton, fp16/bf16
     (float32/float64 inputs keep exact paths: the kernels' dot products would round through TF32),
@@ -49,13 +48,8 @@ def supported(q: torch.Tensor, block_mask: BlockMask | None) -> bool:
 
 
 def key_mass(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    t: torch.Tensor,
-    lse: torch.Tensor,
-    delta: torch.Tensor,
-    block_mask: BlockMask,
-    scale: float,
+    q: torch.Tensor, k: torch.Tensor, t: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor,
+    block_mask: BlockMask, scale: float,
 ) -> torch.Tensor:
     """``Σ_i P_ij Δ_i`` ``[B, Hq, KV]`` (float32) with ``P_ij = exp(scale · q_i·k_j + t_j − lse_i)``.
 
@@ -78,40 +72,20 @@ def key_mass(
         return (-(-n // meta["BLOCK_M"]), B * hq)
 
     _key_mass_kernel[grid](
-        q,
-        k,
-        t,
-        lse,
-        delta,
-        mass,
-        kv_num,
-        kv_idx,
-        full_num,
-        full_idx,
-        *q.stride(),
-        *k.stride(),
-        *t.stride(),
-        *kv_num.stride(),
-        *kv_idx.stride(),
-        *full_num.stride(),
-        *full_idx.stride(),
-        scale * LOG2E,
-        n,
-        hq,
-        hq // hkv,
-        hq // hs,
-        t.shape[0] > 1,
-        hs > 1,
-        kv_num.shape[0] > 1,
-        kv_num.shape[1] > 1,
-        BLOCK_N=BLOCK,
-        D=d,
-        EVEN=n % BLOCK == 0,
+        q, k, t, lse, delta, mass,
+        kv_num, kv_idx, full_num, full_idx,
+        *q.stride(), *k.stride(), *t.stride(),
+        *kv_num.stride(), *kv_idx.stride(), *full_num.stride(), *full_idx.stride(),
+        scale * LOG2E, n, hq,
+        hq // hkv, hq // hs,
+        t.shape[0] > 1, hs > 1, kv_num.shape[0] > 1, kv_num.shape[1] > 1,
+        BLOCK_N=BLOCK, D=d, EVEN=n % BLOCK == 0,
     )
     return mass
 
 
 if triton is not None:
+
     _LOG2E = tl.constexpr(LOG2E)
 
     @triton.jit
@@ -147,25 +121,8 @@ if triton is not None:
         return tl.where((offs_n < n)[None, :], tl.exp2(s), 0.0)
 
     @triton.jit
-    def _row(
-        acc_base,
-        q,
-        k_ptrs,
-        skn,
-        t_base,
-        stn,
-        lse,
-        delta,
-        offs_m,
-        n,
-        scale,
-        num_ptr,
-        idx_ptr,
-        s_idx,
-        CAUSAL: tl.constexpr,
-        EVEN: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-    ):
+    def _row(acc_base, q, k_ptrs, skn, t_base, stn, lse, delta, offs_m, n, scale, num_ptr, idx_ptr, s_idx,
+             CAUSAL: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr):
         # add the column sums of P·Δ over the key blocks listed at idx_ptr (num_ptr of them)
         for j in range(0, tl.load(num_ptr)):
             offs_n = tl.load(idx_ptr + j * s_idx) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -178,63 +135,21 @@ if triton is not None:
     @triton.autotune(
         configs=[
             triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=st)
-            for bm in (64, 128)
-            for w in (4, 8)
-            for st in (2, 3)
+            for bm in (64, 128) for w in (4, 8) for st in (2, 3)
         ],
         key=["D", "GROUP_KV"],
         reset_to_zero=["MASS"],  # the kernel accumulates: each timed trial starts from zeros
     )
     @triton.jit
     def _key_mass_kernel(
-        Q,
-        K,
-        T,
-        LSE,
-        DELTA,
-        MASS,
-        KV_NUM,
-        KV_IDX,
-        FULL_NUM,
-        FULL_IDX,
-        sqb,
-        sqh,
-        sqn,
-        sqd,
-        skb,
-        skh,
-        skn,
-        skd,
-        stb,
-        sth,
-        stn,
-        snb,
-        snh,
-        snq,
-        sib,
-        sih,
-        siq,
-        sik,
-        sfb,
-        sfh,
-        sfq,
-        sjb,
-        sjh,
-        sjq,
-        sjk,
-        scale,
-        n,
-        hq,
-        GROUP_KV,
-        GROUP_T,
-        T_BATCH: tl.constexpr,
-        T_HEADS: tl.constexpr,
-        BM_BATCH: tl.constexpr,
-        BM_HEADS: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        D: tl.constexpr,
-        EVEN: tl.constexpr,
+        Q, K, T, LSE, DELTA, MASS,
+        KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
+        sqb, sqh, sqn, sqd, skb, skh, skn, skd, stb, sth, stn,
+        snb, snh, snq, sib, sih, siq, sik, sfb, sfh, sfq, sjb, sjh, sjq, sjk,
+        scale, n, hq,
+        GROUP_KV, GROUP_T,
+        T_BATCH: tl.constexpr, T_HEADS: tl.constexpr, BM_BATCH: tl.constexpr, BM_HEADS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, EVEN: tl.constexpr,
     ):
         pid = tl.program_id(0)
         qb = pid * BLOCK_M // BLOCK_N  # the BlockMask row (query block of BLOCK_N) of this tile
@@ -244,9 +159,8 @@ if triton is not None:
         offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, D)
         rows = offs_m < n
-        q = tl.load(
-            Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=rows[:, None], other=0.0
-        )
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+                    mask=rows[:, None], other=0.0)
         lse, delta = _row_terms(LSE, DELTA, bh * n, offs_m, rows)
         k_base = K + b * skb + (h // GROUP_KV) * skh
         t_base = _bias_row(T, b, h // GROUP_T, stb, sth, T_BATCH, T_HEADS)
@@ -255,41 +169,9 @@ if triton is not None:
         acc_base = MASS + bh * n
         k_ptrs = k_base + offs_d[None, :] * skd
         # full blocks (no mask), then partial blocks (causal)
-        _row(
-            acc_base,
-            q,
-            k_ptrs,
-            skn,
-            t_base,
-            stn,
-            lse,
-            delta,
-            offs_m,
-            n,
-            scale,
-            FULL_NUM + bm_b * sfb + bm_h * sfh + qb * sfq,
-            FULL_IDX + bm_b * sjb + bm_h * sjh + qb * sjq,
-            sjk,
-            CAUSAL=False,
-            EVEN=EVEN,
-            BLOCK_N=BLOCK_N,
-        )
-        _row(
-            acc_base,
-            q,
-            k_ptrs,
-            skn,
-            t_base,
-            stn,
-            lse,
-            delta,
-            offs_m,
-            n,
-            scale,
-            KV_NUM + bm_b * snb + bm_h * snh + qb * snq,
-            KV_IDX + bm_b * sib + bm_h * sih + qb * siq,
-            sik,
-            CAUSAL=True,
-            EVEN=EVEN,
-            BLOCK_N=BLOCK_N,
-        )
+        _row(acc_base, q, k_ptrs, skn, t_base, stn, lse, delta, offs_m, n, scale,
+             FULL_NUM + bm_b * sfb + bm_h * sfh + qb * sfq, FULL_IDX + bm_b * sjb + bm_h * sjh + qb * sjq, sjk,
+             CAUSAL=False, EVEN=EVEN, BLOCK_N=BLOCK_N)
+        _row(acc_base, q, k_ptrs, skn, t_base, stn, lse, delta, offs_m, n, scale,
+             KV_NUM + bm_b * snb + bm_h * snh + qb * snq, KV_IDX + bm_b * sib + bm_h * sih + qb * siq, sik,
+             CAUSAL=True, EVEN=EVEN, BLOCK_N=BLOCK_N)
