@@ -118,37 +118,10 @@ def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dty
     return model
 
 
-def context_parallel_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """A transformers attention function: this rank's shard of ``query``, ``key``, ``value``
-    (``[B, H, N / world, D]``, rotary applied at global positions) through ``fmd.attention``.
-
-    Causal, over whole sequences: transformers builds no mask for an implementation without a mask
-    function, so ``attention_mask`` is ``None`` here (padding would go in as ``fm.padding(lengths)``).
-    """
-    if dropout:
-        raise ValueError("flexmask has no attention dropout; set config.attention_dropout = 0.0")
-    mask, bias = fm.causal(), None
-    settings = getattr(module.config, "flexmask_dma", None)
-    if settings is not None:  # fm.hf.to_dma: one content score per key, from this rank's values
-        dma = fm.DMAConfig(**settings)
-        scores = fm.dynamic_bias(value, module.dt_proj, module.A, dma.bias_form)  # [B, Hb, N / world]
-        mask = mask & dma.content_mask(scores)
-        bias = fm.key_bias(scores.to(query.dtype))
-    out = fmd.attention(
-        query, key, value, mask=mask, bias=bias, scale=scaling, softcap=kwargs.get("softcap"), layout=module.cp_layout
-    )
-    return out.transpose(1, 2).contiguous(), None
-
-
 def enable_context_parallel(model, layout: fmd.ShardLayout):
-    """Switch ``model`` (built by :func:`build_model`) to :func:`context_parallel_attention`."""
-    from transformers import AttentionInterface
-
-    AttentionInterface.register("flexmask_cp", context_parallel_attention)  # no mask function: causal is ours
-    for module in fm.hf.attention_layers(model):
-        module.cp_layout = layout
-    model.set_attn_implementation("flexmask_cp")
-    return model
+    """Split ``model``'s sequences over the ranks (context parallelism): every attention layer runs
+    :func:`flexmask.distributed.attention` on this rank's shard; DMA gathers every key's score."""
+    return fm.hf.apply(model, sequence_sharding=fmd.SequenceSharding(layout))  # keeps to_dma's settings
 
 
 def shard_model(model, mesh, mp_policy=None):

@@ -9,19 +9,21 @@ a shard of ``N / world`` positions of every sequence-indexed tensor, in one of t
 * :func:`shard` / :func:`unshard`: split a whole tensor into this rank's shard, and gather the
   shards back (differentiable) (module :mod:`.sharding`).
 
-Models shard their weights with FSDP2 (``torch.distributed.fsdp.fully_shard``) as any PyTorch
-model: see the "Scaling out" page of the docs and ``examples/train_fsdp.py``.
+Hugging Face models split their sequences with ``fm.hf.apply(model, sequence_sharding=
+SequenceSharding(layout))`` (or ``to_dma(..., sequence_sharding=...)``). Models shard their weights
+with FSDP2 (``torch.distributed.fsdp.fully_shard``) as any PyTorch model: see the "Scaling out"
+page of the docs and ``examples/train_fsdp.py``.
 
 Examples:
     >>> import flexmask.distributed as fmd
     >>> sorted(fmd.__all__)
-    ['ShardLayout', 'attention', 'shard', 'unshard']
+    ['SequenceSharding', 'ShardLayout', 'attention', 'shard', 'unshard']
 """
 
 from __future__ import annotations
 
 from .context_parallel import attention
-from .layouts import ShardLayout
+from .layouts import SequenceSharding, ShardLayout
 from .sharding import shard, unshard
 
-__all__ = ["ShardLayout", "attention", "shard", "unshard"]
+__all__ = ["SequenceSharding", "ShardLayout", "attention", "shard", "unshard"]

@@ -19,12 +19,33 @@ Examples:
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
 
 ShardLayout = Literal["contiguous", "balanced"]
 """The name of a shard layout: ``"contiguous"`` or ``"balanced"`` (head-tail)."""
 
 LAYOUTS: tuple[str, ...] = ("contiguous", "balanced")
+
+
+@dataclass(frozen=True)
+class SequenceSharding:
+    """How a model's sequences are split over ranks: ``layout`` over the ranks of ``group``
+    (``None``: the default process group). Given to ``fm.hf.apply``/``fm.hf.to_dma`` so that every
+    attention layer runs :func:`flexmask.distributed.attention`.
+
+    Examples:
+        >>> from flexmask.distributed import SequenceSharding
+        >>> SequenceSharding("balanced").layout
+        'balanced'
+    """
+
+    layout: ShardLayout = "contiguous"
+    group: Any = None
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
 
 
 class Piece(NamedTuple):

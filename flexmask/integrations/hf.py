@@ -326,6 +326,7 @@ class _LayerSpec:
     bias: Bias | None
     dma: DMAConfig | None
     backend: Backend
+    sharding: Any = None  # a flexmask.distributed.SequenceSharding: this layer runs context-parallel
 
 
 def attention_forward(
@@ -380,6 +381,8 @@ def attention_forward(
             f"the model's mask was made for q_len={attention_mask.q_length}, kv_len={attention_mask.kv_length}, "
             f"but attention got q {tuple(query.shape)} and k {tuple(key.shape)}"
         )
+    if spec is not None and spec.sharding is not None:
+        return _context_parallel(module, spec, query, key, value, attention_mask, scaling, kwargs.get("softcap"))
     mask = attention_mask.combined(None if spec is None else spec.mask)
     bias = None if spec is None else spec.bias
     if spec is not None and spec.dma is not None:
@@ -398,6 +401,41 @@ def attention_forward(
         softcap=kwargs.get("softcap"),
         backend="auto" if spec is None else spec.backend,
         q_offset=attention_mask.q_start,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _context_parallel(module, spec: _LayerSpec, query, key, value, model: ModelMask | None, scaling, softcap):
+    """One layer of a model whose sequences are split over ranks (``sequence_sharding=``): this rank's
+    shard through :func:`flexmask.distributed.attention`, causal (with the layer's sliding window)
+    over whole sequences, the layer's mask and bias, and DMA's selection from this rank's scores."""
+    from ..distributed import attention as sharded_attention
+
+    if model is not None and (model.valid is not None or not model.aligned):
+        raise NotImplementedError(
+            "context parallelism (sequence_sharding=) takes whole sequences without padding and without a KV "
+            "cache: pack sequences (fm.document) instead of padding them"
+        )
+    window = getattr(module, "sliding_window", None)
+    mask = sliding_window(window) if isinstance(window, int) and window > 0 else causal()
+    if spec.mask is not None:
+        mask = mask & spec.mask
+    bias = spec.bias
+    if spec.dma is not None:
+        scores = dynamic_bias(value, module.dt_proj, module.A, spec.dma.bias_form)  # this rank's keys
+        mask = mask & spec.dma.content_mask(scores)
+        dyn = key_bias(scores.to(query.dtype))
+        bias = dyn if bias is None else bias + dyn
+    out = sharded_attention(
+        query,
+        key,
+        value,
+        mask=mask,
+        bias=bias,
+        scale=scaling,
+        softcap=softcap,
+        group=spec.sharding.group,
+        layout=spec.sharding.layout,
     )
     return out.transpose(1, 2).contiguous(), None
 
@@ -455,6 +493,7 @@ def apply(
     bias: LayerBias = None,
     *,
     backend: Backend = "auto",
+    sequence_sharding: Any = None,
 ) -> nn.Module:
     """Run a transformers model's attention through :func:`flexmask.attention`.
 
@@ -472,6 +511,11 @@ def apply(
         bias: a flexmask bias added to the scores, or a function ``layer_idx -> bias or None``.
             Learnable tables inside it are not registered on the model: hand them to the optimizer.
         backend: :func:`flexmask.attention`'s backend (``"auto"``: flex on CUDA, reference elsewhere).
+        sequence_sharding: a :class:`flexmask.distributed.SequenceSharding`: every rank of its group
+            feeds the model its shard of each sequence (token ids and *global* ``position_ids``, in the
+            sharding's layout) and every attention layer runs
+            :func:`flexmask.distributed.attention` over the whole sequences (context parallelism);
+            causal with the layer's sliding window, no padding, no KV cache. ``None``: one device.
 
     Returns:
         The same model, switched to ``"flexmask"`` (``model.set_attn_implementation("sdpa")`` goes back).
@@ -504,7 +548,7 @@ def apply(
             module.prepare_dynamic_mask = types.MethodType(_doge_prepare_dynamic_mask, module)
         elif settings is not None and hasattr(module, "dt_proj"):
             dma = DMAConfig(**settings)
-        module._flexmask = _LayerSpec(layer_mask, layer_bias, dma, backend)
+        module._flexmask = _LayerSpec(layer_mask, layer_bias, dma, backend, sequence_sharding)
     model.set_attn_implementation(NAME)
     if attn_implementation(model) != NAME:
         raise ValueError(f"{type(model).__name__} cannot switch its attention implementation to {NAME!r}")
@@ -563,6 +607,7 @@ def to_dma(
     mask: LayerMask = None,
     bias: LayerBias = None,
     backend: Backend = "auto",
+    sequence_sharding: Any = None,
 ) -> nn.Module:
     """Convert every attention layer of a Llama/Qwen3-style model to Dynamic Mask Attention.
 
@@ -586,6 +631,8 @@ def to_dma(
         mask: as in :func:`apply`.
         bias: as in :func:`apply`.
         backend: as in :func:`apply`.
+        sequence_sharding: as in :func:`apply` (context parallelism: the selection needs every key's
+            score, so the scores are gathered from the ranks).
 
     Returns:
         The same model, converted and switched to ``"flexmask"``.
@@ -618,7 +665,7 @@ def to_dma(
     if selection == "token":  # (configs saved before block selection existed have no such keys)
         del settings["selection"], settings["block_size"]
     model.config.flexmask_dma = settings
-    return apply(model, mask, bias, backend=backend)
+    return apply(model, mask, bias, backend=backend, sequence_sharding=sequence_sharding)
 
 
 def load_dma(model_class: Any, path: str | os.PathLike, **kwargs: Any) -> nn.Module:
