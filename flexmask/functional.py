@@ -70,13 +70,7 @@ def attention(
         torch.Size([1, 2, 8, 16])
     """
     layout = check_inputs(q, k, v, q_offset)
-    if mask is not None and not isinstance(mask, Mask):
-        raise TypeError(
-            f"mask must be a flexmask mask (e.g. fm.causal()), got {type(mask).__name__}; "
-            "wrap a function with fm.mask(fn)"
-        )
-    if bias is not None and not isinstance(bias, Bias):
-        raise TypeError(f"bias must be a flexmask bias (e.g. fm.alibi(heads)), got {type(bias).__name__}")
+    check_expressions(mask, bias)
     scale = check_scale(scale, q.shape[-1])
     softcap = check_softcap(softcap)
     if backend not in ("auto", "flex", "reference"):
@@ -95,6 +89,17 @@ def attention(
         )
     plan = lower(mask, bias, layout=layout, options=opts, scale=scale, softcap=softcap)
     return backends.run(plan, q, k, v)
+
+
+def check_expressions(mask: object, bias: object) -> None:
+    """``mask`` and ``bias`` are flexmask expressions (or ``None``), else a clear ``TypeError``."""
+    if mask is not None and not isinstance(mask, Mask):
+        raise TypeError(
+            f"mask must be a flexmask mask (e.g. fm.causal()), got {type(mask).__name__}; "
+            "wrap a function with fm.mask(fn)"
+        )
+    if bias is not None and not isinstance(bias, Bias):
+        raise TypeError(f"bias must be a flexmask bias (e.g. fm.alibi(heads)), got {type(bias).__name__}")
 
 
 def check_scale(scale: float | None, head_dim: int) -> float:

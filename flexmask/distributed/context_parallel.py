@@ -17,6 +17,7 @@ from ..algebra.bias import Bias, TensorBias
 from ..algebra.content import TopKBlocks
 from ..algebra.masks import Mask
 from ..functional import attention as single_device_attention
+from ..functional import check_expressions
 from ..settings import Options
 from . import collectives
 from .layouts import ShardLayout, check_layout, check_shard_length, chunks_per_rank, pieces
@@ -83,13 +84,7 @@ def attention(
     """
     layout = check_layout(layout)
     n = _check_shards(q, k, v)
-    if mask is not None and not isinstance(mask, Mask):
-        raise TypeError(
-            f"mask must be a flexmask mask (e.g. fm.causal()), got {type(mask).__name__}; "
-            "wrap a function with fm.mask(fn)"
-        )
-    if bias is not None and not isinstance(bias, Bias):
-        raise TypeError(f"bias must be a flexmask bias (e.g. fm.alibi(heads)), got {type(bias).__name__}")
+    check_expressions(mask, bias)
     group, rank, world = resolve_group(group)
     check_device(q, group, "q")
     check_shard_length(n, layout, "this rank's shard of q, k, v")

@@ -386,11 +386,8 @@ def attention_forward(
     mask = attention_mask.combined(None if spec is None else spec.mask)
     bias = None if spec is None else spec.bias
     if spec is not None and spec.dma is not None:
-        scores = dynamic_bias(value, module.dt_proj, module.A, spec.dma.bias_form)  # [B, Hb, KV]
-        selection = _dma_selection(scores, spec.dma, attention_mask)
-        mask = _and(mask, selection)
-        dyn = key_bias(scores.to(query.dtype))
-        bias = dyn if bias is None else bias + dyn
+        scores, bias = _dma_scores(module, spec.dma, value, bias, query.dtype)  # [B, Hb, KV]
+        mask = _and(mask, _dma_selection(scores, spec.dma, attention_mask))
     out = attention(
         query,
         key,
@@ -403,6 +400,13 @@ def attention_forward(
         q_offset=attention_mask.q_start,
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _dma_scores(module, config: DMAConfig, value, bias: Bias | None, dtype) -> tuple[torch.Tensor, Bias]:
+    """DMA's per-key scores from the value states ``[B, Hb, KV]``, and ``bias`` plus their key bias."""
+    scores = dynamic_bias(value, module.dt_proj, module.A, config.bias_form)
+    dyn = key_bias(scores.to(dtype))
+    return scores, dyn if bias is None else bias + dyn
 
 
 def _context_parallel(module, spec: _LayerSpec, query, key, value, model: ModelMask | None, scaling, softcap):
@@ -422,10 +426,8 @@ def _context_parallel(module, spec: _LayerSpec, query, key, value, model: ModelM
         mask = mask & spec.mask
     bias = spec.bias
     if spec.dma is not None:
-        scores = dynamic_bias(value, module.dt_proj, module.A, spec.dma.bias_form)  # this rank's keys
+        scores, bias = _dma_scores(module, spec.dma, value, bias, query.dtype)  # this rank's keys
         mask = mask & spec.dma.content_mask(scores)
-        dyn = key_bias(scores.to(query.dtype))
-        bias = dyn if bias is None else bias + dyn
     out = sharded_attention(
         query,
         key,

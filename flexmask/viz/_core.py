@@ -21,7 +21,7 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from ..algebra.bias import Bias
 from ..algebra.masks import Custom, Mask, full
-from ..functional import _checked, check_inputs, check_scale, check_softcap, observers
+from ..functional import _checked, check_expressions, check_inputs, check_scale, check_softcap, observers
 from ..lowering.blocks import states_from_block_mask
 from ..lowering.layout import Layout, Lowering
 from ..lowering.planner import lower_mods
@@ -34,6 +34,7 @@ __all__ = [
     "add_observer",
     "block_states",
     "call_mods",
+    "check_expressions",
     "check_qk",
     "check_scale",
     "check_softcap",

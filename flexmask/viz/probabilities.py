@@ -68,10 +68,7 @@ def attention_map(
 def _probabilities(q, k, mask, bias, scale, softcap, max_cells) -> tuple[torch.Tensor, torch.Tensor]:
     """(probabilities, kept), both ``[B, Hq, Q, KV]``."""
     layout = _core.check_qk(q, k)
-    if mask is not None and not isinstance(mask, _core.Mask):
-        raise TypeError(f"mask must be a flexmask mask (e.g. fm.causal()), got {type(mask).__name__}")
-    if bias is not None and not isinstance(bias, _core.Bias):
-        raise TypeError(f"bias must be a flexmask bias (e.g. fm.alibi(heads)), got {type(bias).__name__}")
+    _core.check_expressions(mask, bias)
     cells = layout.batch * layout.heads * layout.q_len * layout.kv_len
     if cells > max_cells:
         raise ValueError(
