@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
-from .layout import Lowering, ModFn, block_ranges, shift_queries
+from .layout import Lowering, ModFn, block_ranges, local_mask_mod
 
 
 def classify(mask: Any, low: Lowering, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,8 +115,7 @@ def build_block_mask(mask: Any, low: Lowering, block_size: int) -> BlockMask:
     """The ``BlockMask`` of ``mask`` for ``low.layout``, from its structure (``mask_mod`` in call-local positions)."""
     any_, all_ = classify(mask, low, block_size)
     layout = low.layout
-    mod = shift_queries(mask._mask_mod(low), layout.offset, layout.device)
-    return from_block_states(any_, all_, mod, layout.q_len, layout.kv_len, block_size)
+    return from_block_states(any_, all_, local_mask_mod(mask, low), layout.q_len, layout.kv_len, block_size)
 
 
 def states_from_block_mask(bm: BlockMask) -> tuple[torch.Tensor, torch.Tensor]:

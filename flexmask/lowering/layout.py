@@ -140,6 +140,14 @@ def per_block_min_max(x: torch.Tensor, block_size: int, start: int = 0, length: 
     return x.amin(-1), x.amax(-1)
 
 
+def local_mask_mod(mask: Any, low: Lowering) -> ModFn | None:
+    """``mask``'s ``mask_mod`` in call-local query positions (``0 .. q_len - 1``), as kernels call it;
+    ``None`` for no mask."""
+    if mask is None:
+        return None
+    return shift_queries(mask._mask_mod(low), low.layout.offset, low.layout.device)
+
+
 def shift_queries(mod: ModFn, offset: int | torch.Tensor, device: torch.device) -> ModFn:
     """Turn a mask/score function of absolute query positions into one of call-local positions.
 

@@ -25,7 +25,7 @@ from ..settings import Resolved
 from .blocks import build_block_mask
 from .cache import constant, lowered
 from .decode import Gathered
-from .layout import BLOCK, Layout, Lowering, ModFn, Offers, shift_queries
+from .layout import BLOCK, Layout, Lowering, ModFn, Offers, local_mask_mod, shift_queries
 from .plan import Plan
 
 
@@ -51,20 +51,14 @@ def lower(mask: Any, bias: Any, *, layout: Layout, options: Resolved, scale: flo
                 "gather", gathered=gathered, mask_mod=mask_mod, score_mod=lower_score(bias, softcap, layout), **common
             )
     if layout.offset_is_tensor:  # one query at a tensor position: its mask evaluated at every key
-        mask_mod = None if mask is None else shift_queries(mask._mask_mod(low), layout.offset, layout.device)
-        return Plan(
-            "gather",
-            gathered=Gathered(None, None),
-            mask_mod=mask_mod,
-            score_mod=lower_score(bias, softcap, layout),
-            **common,
-        )
+        mask_mod, score_mod = lower_mods(mask, bias, softcap, low)
+        return Plan("gather", gathered=Gathered(None, None), mask_mod=mask_mod, score_mod=score_mod, **common)
     backend = options.backend
     if backend == "auto":
         backend = "flex" if layout.device.type == "cuda" else "reference"
     if backend == "reference":
-        mask_mod = None if mask is None else shift_queries(mask._mask_mod(low), layout.offset, layout.device)
-        return Plan("reference", mask_mod=mask_mod, score_mod=lower_score(bias, softcap, layout), **common)
+        mask_mod, score_mod = lower_mods(mask, bias, softcap, low)
+        return Plan("reference", mask_mod=mask_mod, score_mod=score_mod, **common)
 
     offers = Offers.NONE if mask is None else mask._offers(low)
     t = None if bias is None else bias._key_bias()
@@ -93,7 +87,7 @@ def _gather(mask: Any, factor: Any, layout: Layout, options: Resolved):
     """The gathered positions of ``factor`` and the whole mask's ``mask_mod`` (call-local) with that
     factor's selection left to the gather."""
     low = Lowering(layout, options, gathered_by=factor)
-    return factor._decode_gather(low), shift_queries(mask._mask_mod(low), layout.offset, layout.device)
+    return factor._decode_gather(low), local_mask_mod(mask, low)
 
 
 def key_bias_path(t: torch.Tensor, layout: Layout, options: Resolved) -> bool:
@@ -132,9 +126,7 @@ def lower_block_mask(mask: Any, low: Lowering, offers: Offers | None = None, blo
 
 def lower_mods(mask: Any, bias: Any, softcap: float | None, low: Lowering) -> tuple[ModFn | None, Any]:
     """``(mask_mod, score_mod)`` of a call in call-local positions (either may be ``None``)."""
-    layout = low.layout
-    mask_mod = None if mask is None else shift_queries(mask._mask_mod(low), layout.offset, layout.device)
-    return mask_mod, lower_score(bias, softcap, layout)
+    return local_mask_mod(mask, low), lower_score(bias, softcap, low.layout)
 
 
 def lower_score(bias: Any, softcap: float | None, layout: Layout):
