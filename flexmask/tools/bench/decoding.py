@@ -15,7 +15,7 @@ import flexmask as fm
 
 from ..errors import UsageError
 from .harness import Benchmark, Note, finish, make_env, meta
-from .options import add_run_arguments, apply_presets, csv_choices, parse_lengths
+from .options import add_device_arguments, add_run_arguments, apply_presets, csv_choices, parse_lengths
 from .report import Column, Report, Row, ratio
 
 VARIANTS = ("sdpa", "flex-causal", "token", "block")
@@ -52,7 +52,7 @@ TINY = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="cuda, cpu or auto (default: cuda when available)")
+    add_device_arguments(p, None)
     p.add_argument(
         "--lengths",
         type=parse_lengths,

@@ -42,6 +42,7 @@ from .harness import (
     versions,
 )
 from .options import (
+    add_device_arguments,
     add_run_arguments,
     apply_presets,
     csv_choices,
@@ -85,13 +86,7 @@ COLUMNS = [
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``bench model``."""
-    p.add_argument("--device", default="auto", help="cuda, cpu or auto (default: cuda when available)")
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "bf16", "fp16", "fp32"],
-        help="model dtype (auto: bf16 on CUDA, fp32 on CPU)",
-    )
+    add_device_arguments(p, "model")
     p.add_argument(
         "--lengths",
         type=parse_lengths,

@@ -84,15 +84,21 @@ def positive_int(text: str) -> int:
     return value
 
 
+def add_device_arguments(p: argparse.ArgumentParser, dtype_of: str | None) -> None:
+    """``--device``, and ``--dtype`` (that of ``dtype_of``) unless it is ``None``; ``make_env`` resolves them."""
+    p.add_argument("--device", default="auto", help="cuda, cpu or auto (default: cuda when available)")
+    if dtype_of is not None:
+        p.add_argument(
+            "--dtype",
+            default="auto",
+            choices=["auto", "bf16", "fp16", "fp32"],
+            help=f"{dtype_of} dtype (auto: bf16 on CUDA, fp32 on CPU)",
+        )
+
+
 def add_common_arguments(p: argparse.ArgumentParser, lengths: str, heads: int, kv_heads: int) -> None:
     """The options every attention benchmark takes (device, sizes, timing, budget, output)."""
-    p.add_argument("--device", default="auto", help="cuda, cpu or auto (default: cuda when available)")
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "bf16", "fp16", "fp32"],
-        help="attention dtype (auto: bf16 on CUDA, fp32 on CPU)",
-    )
+    add_device_arguments(p, "attention")
     p.add_argument(
         "--lengths",
         type=parse_lengths,
