@@ -91,7 +91,7 @@ def run(capsys, argv: list[str]) -> tuple[int, str]:
 
 
 def test_registry():
-    assert list(BENCHMARKS) == ["masks", "dma", "decode", "model", "generate"]
+    assert list(BENCHMARKS) == ["masks", "dma", "decode", "model", "generate", "cp"]
     for name, bench in BENCHMARKS.items():
         assert bench.name == name and bench.help and "CUDA" in bench.description and "--tiny" in bench.description
 
@@ -455,3 +455,20 @@ def test_generate_benchmark_runs_tiny_on_cpu(capsys):
     assert [r["variant"] for r in rows] == ["SDPA", "flexmask causal", "DMA token"]
     assert rows[1]["tokens = SDPA's"] == "yes"  # flexmask causal decodes SDPA's tokens
     assert all(number(r["decode tokens/s"]) > 0 for r in rows)
+
+
+def test_context_parallel_benchmark_runs_tiny_on_cpu(capsys):
+    """Two gloo processes against one; a GPU count the machine lacks is a skipped cell."""
+    argv = ["cp", "--tiny", "--lengths", "256", "--variants", "causal,dma-block", "--gpus", "1,2,4096"]
+    status, out = run(capsys, argv)
+    assert status == 0
+    rows = section(parse_tables(out), "One attention layer")
+    assert [(r["attention"], r["GPUs"]) for r in rows] == [
+        (v, g) for v in ("flexmask causal", "DMA block top-w/128") for g in ("1", "2", "4096")
+    ]
+    for r in rows:
+        if r["GPUs"] == "4096":
+            assert r["step ms"].startswith("skipped"), r
+        else:
+            assert number(r["step ms"]) > 0 and number(r["tokens/s per GPU"]) > 0, r
+    assert [r["throughput vs 1 GPU"] for r in rows if r["GPUs"] == "1"] == ["1.00x", "1.00x"]

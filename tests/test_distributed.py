@@ -174,7 +174,8 @@ def _run_case(name: str, world: int, layout: str, device: str = "cpu", dtype=tor
         return t.requires_grad_(grad)
 
     hkv = 1 if name in MQA else HKV
-    q, k, v = (leaf(torch.randn(B, h, n, d, generator=g)) for h, d in ((HQ, D), (hkv, D), (hkv, D + 2)))
+    dk, dv = (D, D + 2) if dtype == torch.float64 else (16, 32)  # flex's GPU kernels take head dims of 16 and up
+    q, k, v = (leaf(torch.randn(B, h, n, d, generator=g)) for h, d in ((HQ, dk), (hkv, dk), (hkv, dv)))
     seq = {key: _sequence_tensor(kind, n, g) for key, kind in seq_kinds.items()}
     seq = {key: leaf(t, grad) for key, (t, grad) in seq.items()}
     tables = {key: leaf(torch.randn(shape, generator=g)) for key, shape in table_shapes.items()}

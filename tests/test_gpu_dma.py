@@ -266,3 +266,30 @@ def test_causal_key_bias_every_gradient_path_matches_float64(monkeypatch, choice
     assert bool(calls) == (choice == "auto")
     for a, b in zip(got, want, strict=True):
         assert rel_err(a, b) < 2e-2
+
+
+@pytest.mark.parametrize("offset, rows", [(128, 256), (256, 744)], ids=["whole-blocks", "to-the-end"])
+def test_fused_backward_for_rows_at_an_offset(monkeypatch, offset, rows):
+    """Context parallelism's calls: a run of query rows at ``q_offset`` (from a block boundary)
+    against every key takes the fused backward too; dq, dk, dv and the key-bias gradient vs float64."""
+    from flexmask.backends.triton import fused_bwd
+
+    torch.manual_seed(11)
+    B, Hq, Hkv, n, D = 1, 4, 2, 1000, 64
+    q = torch.randn(B, Hq, rows, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(B, Hkv, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(B, Hkv, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    s = torch.randn(B, Hkv, n, device="cuda", requires_grad=True)
+    calls = []
+    real = fused_bwd.backward
+    monkeypatch.setattr(fused_bwd, "backward", lambda *a: calls.append(1) or real(*a))
+    out = fm.attention(q, k, v, mask=fm.topk_blocks(s.detach(), 2), bias=fm.key_bias(s), q_offset=offset)
+    keep = brute_topk_blocks(s.detach().cpu(), 2, 128).to("cuda")[:, :, offset : offset + rows]
+    ref = dense_attention(q, k, v, heads_to(keep, Hq), heads_to(s, Hq))
+    assert rel_err(out, ref) < 1e-2
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, s), g)
+    want = torch.autograd.grad(ref, (q, k, v, s), g.double())
+    assert calls, "the fused backward did not run"
+    for a, b in zip(got, want, strict=True):
+        assert rel_err(a, b) < 2e-2

@@ -50,6 +50,7 @@ def run(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
         with_lse,
         options=plan.options,
         causal_partial=plan.causal_partial,
+        q_offset=plan.layout.offset,
     )
 
 
@@ -64,6 +65,7 @@ def attention(
     *,
     options: Resolved | None = None,
     causal_partial: bool = False,
+    q_offset: int = 0,
 ) -> torch.Tensor:
     """``softmax(scale · q kᵀ + t[b, h // g, j]) v`` under ``block_mask``, with ``t``'s gradient in closed form.
 
@@ -74,21 +76,23 @@ def attention(
             (natural-log ``lse`` ``[B, Hq, Q]``); differentiable in ``q, k, v``.
         options: ``key_bias_grad``, ``split_below``, ``split_chunk`` (default: the defaults).
         causal_partial: the mask's partial blocks are exactly causal, so the Triton kernels apply.
+        q_offset: the queries' first position among the keys (``0``: self-attention; context
+            parallelism calls with a shard's rows).
     """
     options = Resolved() if options is None else options
-    return _KeyBiasAttention.apply(q, k, v, t, block_mask, scale, run, options, causal_partial)
+    return _KeyBiasAttention.apply(q, k, v, t, block_mask, scale, run, options, causal_partial, q_offset)
 
 
 class _KeyBiasAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, t, block_mask, scale, run, options, causal_partial):
+    def forward(ctx, q, k, v, t, block_mask, scale, run, options, causal_partial, q_offset):
         inner = [x.detach().requires_grad_(True) for x in (q, k, v)]
         t_ = t.detach()
         with torch.enable_grad():
             out, lse = run(*inner, _key_bias_mod(t_, q.shape[1]), block_mask, scale)
         ctx.graph = (out, inner)
         ctx.lse, ctx.t, ctx.block_mask, ctx.scale, ctx.run = lse.detach(), t_, block_mask, scale, run
-        ctx.options, ctx.causal_partial = options, causal_partial
+        ctx.options, ctx.causal_partial, ctx.q_offset = options, causal_partial, q_offset
         ctx.t_shape, ctx.t_dtype = t.shape, t.dtype
         return out.detach()
 
@@ -99,7 +103,7 @@ class _KeyBiasAttention(torch.autograd.Function):
         q, k, v = inner
         choice = ctx.options.key_bias_grad
         causal = ctx.causal_partial
-        if causal and choice in ("auto", "fused") and fused_bwd.supported(q, k, ctx.block_mask):
+        if causal and choice in ("auto", "fused") and fused_bwd.supported(q, k, ctx.block_mask, ctx.q_offset):
             opts = ctx.options  # all four gradients in one kernel
             dq, dk, dv, dt = fused_bwd.backward(
                 q.detach(),
@@ -113,10 +117,11 @@ class _KeyBiasAttention(torch.autograd.Function):
                 ctx.scale,
                 opts.split_below,
                 opts.split_chunk,
+                ctx.q_offset,
             )
             ctx.graph = None
             dt = dt.to(ctx.t_dtype) if ctx.needs_input_grad[3] else None
-            return dq, dk, dv, dt, None, None, None, None, None
+            return dq, dk, dv, dt, None, None, None, None, None, None
         dq, dk, dv = torch.autograd.grad(out, inner, grad_out)
         dt = None
         if ctx.needs_input_grad[3]:
@@ -138,7 +143,7 @@ class _KeyBiasAttention(torch.autograd.Function):
             dt = dt.sum(0, keepdim=True) if ctx.t_shape[0] == 1 else dt
             dt = dt.to(ctx.t_dtype)
         ctx.graph = None
-        return dq, dk, dv, dt, None, None, None, None, None
+        return dq, dk, dv, dt, None, None, None, None, None, None
 
 
 def _key_bias_mod(t: torch.Tensor, hq: int):

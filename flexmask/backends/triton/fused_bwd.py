@@ -13,7 +13,8 @@ split over programs of a few entries each that add into float32 outputs (options
 and ``split_chunk``).
 
 Scope (what :func:`supported` checks): a ``BlockMask`` over blocks of 128 whose partial blocks are
-causal (``j <= i``: :func:`flexmask.topk_blocks`), self-attention, head dim a power of two in
+causal (``j <= i``: :func:`flexmask.topk_blocks`), self-attention or a run of its rows from a block
+boundary (context parallelism's shards), head dim a power of two in
 [16, 128], fp16/bf16. The reference for its numbers is the float64 test in
 ``tests/test_gpu_dma.py``.
 
@@ -32,32 +33,44 @@ if triton is not None:
 
     from .key_mass import _LOG2E, _bias_row, _probabilities, _row_terms
 
-def supported(q: torch.Tensor, k: torch.Tensor, block_mask: BlockMask | None) -> bool:
-    """Whether :func:`backward` can run for this call: self-attention and
-    :func:`.key_mass.kernels_apply` with head dims up to 128."""
-    return q.shape[2] == k.shape[2] and kernels_apply(q, block_mask, 128)
+def supported(q: torch.Tensor, k: torch.Tensor, block_mask: BlockMask | None, q_offset: int = 0) -> bool:
+    """Whether :func:`backward` can run for this call: :func:`.key_mass.kernels_apply` with head dims
+    up to 128, and queries that are self-attention's rows ``q_offset .. q_offset + Q - 1`` from a
+    block boundary on (whole blocks, or up to the last key)."""
+    nq, nk = q.shape[2], k.shape[2]
+    rows_fit = (
+        isinstance(q_offset, int)
+        and q_offset % BLOCK == 0
+        and q_offset + nq <= nk
+        and (nq % BLOCK == 0 or q_offset + nq == nk)
+    )
+    return rows_fit and kernels_apply(q, block_mask, 128)
 
 
 def backward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor,
     lse: torch.Tensor, t: torch.Tensor, block_mask: BlockMask, scale: float, split_below: int = 4, chunk: int = 8,
+    q_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv, dt)`` of ``softmax(scale · q kᵀ + t_j) v`` under ``block_mask``.
 
     Args:
-        q, k, v: ``[B, Hq, N, D]``, ``[B, Hkv, N, D]``, ``[B, Hkv, N, D]``.
-        out, grad_out: ``[B, Hq, N, D]``; lse: ``[B, Hq, N]`` natural log (from the forward).
+        q, k, v: ``[B, Hq, Q, D]``, ``[B, Hkv, N, D]``, ``[B, Hkv, N, D]``: the queries are the rows
+            ``q_offset .. q_offset + Q - 1`` of self-attention over ``N`` positions (``Q = N``: all).
+        out, grad_out: ``[B, Hq, Q, D]``; lse: ``[B, Hq, Q]`` natural log (from the forward).
         t: the key bias ``[B|1, Hs, N]`` with ``Hs`` 1 or ``Hkv``.
         split_below: split the most-read key blocks' lists when the grid has fewer key-block
             programs than this per streaming multiprocessor.
         chunk: list entries per program when split.
+        q_offset: the first query's position (a multiple of 128; see :func:`supported`). The
+            ``BlockMask`` is that of the call: ``Q / 128`` query blocks over ``N / 128`` key blocks.
 
     Returns:
         ``dq, dk, dv`` in the inputs' dtype and ``dt`` ``[B|1, Hs, N]`` float32.
     """
     q, k, v, grad_out = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, grad_out))
-    B, hq, n, d = q.shape
-    hkv, hs = k.shape[1], t.shape[1]
+    B, hq, nq, d = q.shape
+    hkv, hs, n = k.shape[1], t.shape[1], k.shape[2]
     delta = torch.mul(grad_out, out).sum(-1, dtype=torch.float32).contiguous()
     lse = (lse.float() * LOG2E).contiguous()
     dq = torch.empty_like(q)
@@ -69,7 +82,7 @@ def backward(
         kv_full = (torch.zeros_like(bm.kv_num_blocks), bm.kv_indices)
         q_full = (torch.zeros_like(bm.q_num_blocks), bm.q_indices)
     lists = (bm.q_num_blocks, bm.q_indices, *q_full, bm.kv_num_blocks, bm.kv_indices, *kv_full)
-    nb = -(-n // BLOCK)
+    nb, nbq = -(-n // BLOCK), -(-nq // BLOCK)
     group = hq // hkv
     # A key block is read by every query block that selected it: with few KV heads the most-read
     # blocks outlast the rest of the grid. Then (SPLIT) each program takes `chunk` entries of one
@@ -84,12 +97,12 @@ def backward(
         n_dkdv = nb
     # one launch: per KV head, the programs for dK/dV/dt (per key block), then group·nb programs for
     # dQ (per query block), so the dQ work fills the gaps the unevenly loaded key blocks leave
-    _backward_kernel[(n_dkdv + nb * group, B * hkv)](
+    _backward_kernel[(n_dkdv + nbq * group, B * hkv)](
         q, k, v, grad_out, lse, delta, t, dq, dk, dv, dt, *lists,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *t.stride(), *dt.stride(),
         *dq.stride(), *dk.stride(), *dv.stride(),
         *(stride for x in lists for stride in x.stride()),
-        scale * LOG2E, scale, n, nb, n_dkdv, hq, hkv, group, hkv // hs if hs > 1 else 1, hq // hs,
+        scale * LOG2E, scale, n, nb, nq, nbq, q_offset, n_dkdv, hq, hkv, group, hkv // hs if hs > 1 else 1, hq // hs,
         T_BATCH=t.shape[0] > 1, T_HEADS=hs > 1, BM_BATCH=bm.kv_num_blocks.shape[0] > 1,
         BM_HEADS=bm.kv_num_blocks.shape[1] > 1, D=d, BLOCK=BLOCK, EVEN=n % BLOCK == 0, SPLIT=split, CHUNK=chunk,
     )
@@ -101,14 +114,15 @@ def backward(
 if triton is not None:
 
     @triton.jit
-    def _dkdv_rows(q_base, do_base, LSE, DELTA, row0, sqn, sdon, k, v, t, offs_n, offs_d, n, scale2,
+    def _dkdv_rows(q_base, do_base, LSE, DELTA, row0, sqn, sdon, k, v, t, offs_n, offs_d, n, qoff, scale2,
                    lo, hi, idx_ptr, s_idx, dk, dv, dt,
                    CAUSAL: tl.constexpr, EVEN: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr):
         # the query blocks idx_ptr[lo:hi], BLOCK_M rows at a time, in one flat loop (Triton
-        # pipelines the innermost loop only)
+        # pipelines the innermost loop only). Rows are absolute positions (the call's + qoff);
+        # q_base, do_base and row0 are shifted back by qoff.
         per_block: tl.constexpr = BLOCK // BLOCK_M
         for it in range(lo * per_block, hi * per_block):
-            start = tl.load(idx_ptr + (it // per_block) * s_idx) * BLOCK + (it % per_block) * BLOCK_M
+            start = tl.load(idx_ptr + (it // per_block) * s_idx) * BLOCK + (it % per_block) * BLOCK_M + qoff
             offs_m = start + tl.arange(0, BLOCK_M)
             rows = offs_m < n
             if EVEN:
@@ -158,7 +172,7 @@ if triton is not None:
                       sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, stb, sth, stn,
                       sdtb, sdth, sdtn, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
                       snb, snh, snk, sib, sih, sik, siq, sfb, sfh, sfk, sjb, sjh, sjk, sjq,
-                      scale2, scale, n, kb, b, hk, g0, g1, part, hq, GROUP, GROUP_T,
+                      scale2, scale, n, nq, qoff, kb, b, hk, g0, g1, part, hq, GROUP, GROUP_T,
                       T_BATCH: tl.constexpr, T_HEADS: tl.constexpr, BM_BATCH: tl.constexpr,
                       BM_HEADS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
                       EVEN: tl.constexpr, SPLIT: tl.constexpr, CHUNK: tl.constexpr):
@@ -189,9 +203,9 @@ if triton is not None:
             for g in range(g0, g1):
                 h = hk * GROUP + g
                 bm_h = h if BM_HEADS else 0
-                q_base = Q + b * sqb + h * sqh
-                do_base = DO + b * sob + h * soh
-                row0 = (b * hq + h) * n
+                q_base = Q + b * sqb + h * sqh - qoff * sqn
+                do_base = DO + b * sob + h * soh - qoff * son
+                row0 = (b * hq + h) * nq - qoff
                 n_full = tl.load(FULLQ_NUM + bm_b * sfb + bm_h * sfh + kb * sfk)
                 n_part = tl.load(Q_NUM + bm_b * snb + bm_h * snh + kb * snk)
                 if SPLIT:  # entries [lo, hi) of the full list followed by the partial one
@@ -203,10 +217,12 @@ if triton is not None:
                 else:
                     full_lo, full_hi, part_lo, part_hi = 0, n_full, 0, n_part
                 dk, dv, dt = _dkdv_rows(q_base, do_base, LSE, DELTA, row0, sqn, son, k, v, t, offs_n, offs_d,
-                                        n, scale2, full_lo, full_hi, FULLQ_IDX + bm_b * sjb + bm_h * sjh + kb * sjk,
+                                        n, qoff, scale2, full_lo, full_hi,
+                                        FULLQ_IDX + bm_b * sjb + bm_h * sjh + kb * sjk,
                                         sjq, dk, dv, dt, CAUSAL=False, EVEN=EVEN, BLOCK=BLOCK, BLOCK_M=BLOCK_M)
                 dk, dv, dt = _dkdv_rows(q_base, do_base, LSE, DELTA, row0, sqn, son, k, v, t, offs_n, offs_d,
-                                        n, scale2, part_lo, part_hi, Q_IDX + bm_b * sib + bm_h * sih + kb * sik,
+                                        n, qoff, scale2, part_lo, part_hi,
+                                        Q_IDX + bm_b * sib + bm_h * sih + kb * sik,
                                         siq, dk, dv, dt, CAUSAL=True, EVEN=EVEN, BLOCK=BLOCK, BLOCK_M=BLOCK_M)
             dk_ptrs = DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :]
             dv_ptrs = DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvn + offs_d[None, :]
@@ -222,18 +238,20 @@ if triton is not None:
     def _dq_program(Q, K, V, DO, LSE, DELTA, T, DQ, KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
                     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, stb, sth, stn, sdqb, sdqh, sdqn,
                     snb, snh, snq, sib, sih, siq, sik, sfb, sfh, sfq, sjb, sjh, sjq, sjk,
-                    scale2, scale, n, qb, b, h, hq, GROUP, GROUP_TQ,
+                    scale2, scale, n, nq, qoff, qb, b, h, hq, GROUP, GROUP_TQ,
                     T_BATCH: tl.constexpr, T_HEADS: tl.constexpr, BM_BATCH: tl.constexpr,
                     BM_HEADS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
                     EVEN: tl.constexpr):
-        # one query block of one query head: dQ over the key blocks it reads
-        offs_m = qb * BLOCK + tl.arange(0, BLOCK)
+        # one query block (the call's qb-th) of one query head: dQ over the key blocks it reads;
+        # offs_m are absolute positions, local ones are offs_m - qoff
+        offs_m = qb * BLOCK + qoff + tl.arange(0, BLOCK)
         offs_d = tl.arange(0, D)
         rows = offs_m < n
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=rows[:, None], other=0.0)
-        do = tl.load(DO + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], mask=rows[:, None],
+        local = offs_m - qoff
+        q = tl.load(Q + b * sqb + h * sqh + local[:, None] * sqn + offs_d[None, :], mask=rows[:, None], other=0.0)
+        do = tl.load(DO + b * sob + h * soh + local[:, None] * son + offs_d[None, :], mask=rows[:, None],
                      other=0.0)
-        lse, delta = _row_terms(LSE, DELTA, (b * hq + h) * n, offs_m, rows)
+        lse, delta = _row_terms(LSE, DELTA, (b * hq + h) * nq - qoff, offs_m, rows)
         k_base = K + b * skb + (h // GROUP) * skh
         v_base = V + b * svb + (h // GROUP) * svh
         t_base = _bias_row(T, b, h // GROUP_TQ, stb, sth, T_BATCH, T_HEADS)
@@ -246,7 +264,7 @@ if triton is not None:
         dq = _dq_cols(q, do, lse, delta, k_base, v_base, t_base, skn, svn, stn, offs_m, offs_d, n, scale2,
                       KV_NUM + bm_b * snb + bm_h * snh + qb * snq, KV_IDX + bm_b * sib + bm_h * sih + qb * siq,
                       sik, dq, CAUSAL=True, EVEN=EVEN, BLOCK=BLOCK, BLOCK_N=BLOCK_N)
-        tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqn + offs_d[None, :],
+        tl.store(DQ + b * sdqb + h * sdqh + local[:, None] * sdqn + offs_d[None, :],
                  (dq * scale).to(DQ.dtype.element_ty), mask=rows[:, None])
 
     @triton.autotune(
@@ -264,7 +282,7 @@ if triton is not None:
         sdqb, sdqh, sdqn, sdqd, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
         s1b, s1h, s1k, s2b, s2h, s2k, s2q, s3b, s3h, s3k, s4b, s4h, s4k, s4q,
         s5b, s5h, s5q, s6b, s6h, s6q, s6k, s7b, s7h, s7q, s8b, s8h, s8q, s8k,
-        scale2, scale, n, nb, n_dkdv, hq, hkv, GROUP, GROUP_T, GROUP_TQ,
+        scale2, scale, n, nb, nq, nbq, qoff, n_dkdv, hq, hkv, GROUP, GROUP_T, GROUP_TQ,
         T_BATCH: tl.constexpr, T_HEADS: tl.constexpr, BM_BATCH: tl.constexpr, BM_HEADS: tl.constexpr,
         D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN: tl.constexpr,
         SPLIT: tl.constexpr, CHUNK: tl.constexpr,
@@ -285,7 +303,7 @@ if triton is not None:
                           sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, stb, sth, stn,
                           sdtb, sdth, sdtn, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
                           s1b, s1h, s1k, s2b, s2h, s2k, s2q, s3b, s3h, s3k, s4b, s4h, s4k, s4q,
-                          scale2, scale, n, pid % nb, b, hk, g0, g1, part, hq, GROUP, GROUP_T,
+                          scale2, scale, n, nq, qoff, pid % nb, b, hk, g0, g1, part, hq, GROUP, GROUP_T,
                           T_BATCH, T_HEADS, BM_BATCH, BM_HEADS, D, BLOCK, BLOCK_M, EVEN, SPLIT, CHUNK)
         else:
             rest = pid - n_dkdv
@@ -293,5 +311,5 @@ if triton is not None:
                         sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, stb, sth, stn,
                         sdqb, sdqh, sdqn,
                         s5b, s5h, s5q, s6b, s6h, s6q, s6k, s7b, s7h, s7q, s8b, s8h, s8q, s8k,
-                        scale2, scale, n, rest % nb, b, hk * GROUP + rest // nb, hq, GROUP, GROUP_TQ,
+                        scale2, scale, n, nq, qoff, rest % nbq, b, hk * GROUP + rest // nbq, hq, GROUP, GROUP_TQ,
                         T_BATCH, T_HEADS, BM_BATCH, BM_HEADS, D, BLOCK, BLOCK_N, EVEN)

@@ -1,15 +1,16 @@
 """The benchmarks that ship with flexmask: ``python -m flexmask bench NAME [options]``.
 
-One module per benchmark (:mod:`.masks`, :mod:`.dma` with :mod:`.decode`, :mod:`.decoding`, :mod:`.model`), each
-exposing a :class:`~.harness.Benchmark`; :data:`BENCHMARKS` is the registry the command line builds
-its subcommands from. They share the clock, runner and environment of :mod:`.harness`, the options
-of :mod:`.options`, the baselines of :mod:`.handwritten` and the markdown + JSON report of
-:mod:`.report`. Each prints its report; ``--out FILE`` also writes ``FILE.md`` and ``FILE.json``.
+One module per benchmark (:mod:`.masks`, :mod:`.dma` with :mod:`.decode`, :mod:`.decoding`,
+:mod:`.model`, :mod:`.generate`, :mod:`.context_parallel`), each exposing a
+:class:`~.harness.Benchmark`; :data:`BENCHMARKS` is the registry the command line builds its subcommands
+from. They share the clock, runner and environment of :mod:`.harness`, the options of :mod:`.options`,
+the baselines of :mod:`.handwritten` and the markdown + JSON report of :mod:`.report`. Each prints its
+report; ``--out FILE`` also writes ``FILE.md`` and ``FILE.json``.
 
 Examples:
     >>> from flexmask.tools.bench import BENCHMARKS
     >>> list(BENCHMARKS)
-    ['masks', 'dma', 'decode', 'model', 'generate']
+    ['masks', 'dma', 'decode', 'model', 'generate', 'cp']
 """
 
 from __future__ import annotations
@@ -20,12 +21,20 @@ import warnings
 
 import torch
 
-from . import decoding, dma, generate, masks, model
+from . import context_parallel, decoding, dma, generate, masks, model
 from .harness import Benchmark
 
 #: The ``bench`` subcommands, by name.
 BENCHMARKS: dict[str, Benchmark] = {
-    b.name: b for b in (masks.BENCHMARK, dma.BENCHMARK, decoding.BENCHMARK, model.BENCHMARK, generate.BENCHMARK)
+    b.name: b
+    for b in (
+        masks.BENCHMARK,
+        dma.BENCHMARK,
+        decoding.BENCHMARK,
+        model.BENCHMARK,
+        generate.BENCHMARK,
+        context_parallel.BENCHMARK,
+    )
 }
 
 
