@@ -56,9 +56,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _measure(env, args, config, n: int, variant: str, compiled: bool) -> tuple[Row, torch.Tensor]:
     key = {"sdpa": "sdpa-eager", "flexmask": "flexmask"}.get(variant, variant)
     model = model_bench._model(env, args, config, key).eval()
-    prompt = torch.randint(0, args.vocab, (args.batch, n), generator=torch.Generator().manual_seed(args.seed + n))
+    # token 0 is the pad token: a prompt holding it would read as padded (generate() masks pad tokens)
+    prompt = torch.randint(1, args.vocab, (args.batch, n), generator=torch.Generator().manual_seed(args.seed + n))
     prompt = prompt.to(env.device)
-    settings: dict = dict(do_sample=False, pad_token_id=0, cache_implementation="static")
+    settings: dict = dict(
+        do_sample=False, pad_token_id=0, cache_implementation="static", attention_mask=torch.ones_like(prompt)
+    )
     if compiled:
         from transformers import CompileConfig
 
