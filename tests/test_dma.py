@@ -353,9 +353,11 @@ def test_topk_for_one_decoding_query_matches_brute_force(among):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("q_start, q_len", [(None, 1000), (128, 384), (640, 360)])
 @pytest.mark.parametrize("hs", [1, 2, 4])
-def test_topk_blocks_build_function_matches_generic_build(hs):
-    """The function the CUDA graph replays gives the generic builder's index tensors and selection."""
+def test_topk_blocks_build_function_matches_generic_build(hs, q_start, q_len):
+    """The function the CUDA graph replays gives the generic builder's index tensors and selection,
+    for self-attention and for a run of its rows from a block boundary (context parallelism)."""
     from flexmask.lowering.blocks import classify, from_block_states
     from flexmask.lowering.selection import _topk_blocks_build
 
@@ -364,11 +366,11 @@ def test_topk_blocks_build_function_matches_generic_build(hs):
     torch.manual_seed(11)
     n, k, bs = 1000, 3, 64
     s = torch.randn(2, hs, n)
-    layout = Layout(2, 4, n, n, torch.device("cpu"))
+    layout = Layout(2, 4, q_len, n, torch.device("cpu"), q_start=q_start)
     sel, *tensors = _topk_blocks_build(s, key=(k, bs, layout))
     mask = fm.topk_blocks(s, k, block_size=bs)
     low = lowering(layout)
-    generic = from_block_states(*classify(mask, low, bs), mask._mask_mod(low), n, n, bs)
+    generic = from_block_states(*classify(mask, low, bs), mask._mask_mod(low), q_len, n, bs)
     want = (
         generic.kv_num_blocks,
         generic.kv_indices,
@@ -383,3 +385,24 @@ def test_topk_blocks_build_function_matches_generic_build(hs):
     for got, expected in zip(tensors, want, strict=True):
         assert torch.equal(got, expected)
     assert torch.equal(sel.long(), mask.block_selection(low))
+
+
+def test_topk_blocks_graphed_build_at_an_offset_keeps_call_local_positions():
+    """The graphed builder's BlockMask for a run of query rows (context parallelism's calls) carries the
+    mask in call-local query positions, as flex calls it: its mask_mod and its blocks equal the rows
+    ``q_start ..`` of the whole keep map. (On CPU the graph's function runs eagerly.)"""
+    from ._lowering import Layout, lowering
+
+    torch.manual_seed(12)
+    n, k, q_start, q_len = 700, 2, 256, 300
+    s = torch.randn(1, 2, n)
+    mask = fm.topk_blocks(s, k)
+    bm = mask._graphed_block_mask(lowering(Layout(1, 4, q_len, n, torch.device("cpu"), 2, q_start=q_start)))
+    want = heads_to(brute_topk_blocks(s, k, 128), 4)[:, :, q_start : q_start + q_len]
+    b, h = torch.zeros(1, 1, 1, 1, dtype=torch.long), torch.arange(4).view(1, 4, 1, 1)
+    q_idx, kv_idx = torch.arange(q_len).view(1, 1, -1, 1), torch.arange(n).view(1, 1, 1, -1)
+    assert torch.equal(bm.mask_mod(b, h, q_idx, kv_idx).expand_as(want), want)
+    blocks = bm.to_dense()[..., : -(-q_len // 128), : -(-n // 128)].bool()  # blocks any query keeps a key of
+    pad = (0, -n % 128, 0, -q_len % 128)
+    held = torch.nn.functional.pad(want, pad).unflatten(2, (-1, 128)).unflatten(-1, (-1, 128)).any(-1).any(-2)
+    assert torch.equal(blocks, held)

@@ -22,7 +22,7 @@ from ..lowering import decode, selection
 from ..lowering.blocks import block_mask_from_tensors
 from ..lowering.decode import Gathered
 from ..lowering.dense import classify_densely
-from ..lowering.layout import BLOCK, Layout, Lowering, Offers, cdiv
+from ..lowering.layout import BLOCK, Layout, Lowering, Offers, cdiv, local_mask_mod
 from ..lowering.token_layout import TokenLayout, token_layout
 from ._checks import positive_int, real_tensor
 from .masks import And, Causal, Document, Mask, Padding
@@ -238,8 +238,8 @@ class TopKBlocks(_ContentMask):
 
     def _graphed_build_fits(self, layout: Layout) -> bool:
         """(Offers.GRAPHED_BUILD) whether a graph for ``layout`` stays within its memory budget."""
-        nb = cdiv(layout.kv_len, self.block_size)
-        return layout.batch * layout.heads * nb * nb <= selection.GRAPHED_BLOCKS_LIMIT
+        blocks = cdiv(layout.q_len, self.block_size) * cdiv(layout.kv_len, self.block_size)
+        return layout.batch * layout.heads * blocks <= selection.GRAPHED_BLOCKS_LIMIT
 
     def _graphed_block_mask(self, low: Lowering) -> BlockMask:
         """(Offers.GRAPHED_BUILD) its BlockMask with the whole build, selection included, replayed
@@ -248,8 +248,7 @@ class TopKBlocks(_ContentMask):
         key = (self.k, self.block_size, layout)
         sel, *tensors = selection.graphed_topk_blocks(self.scores.detach().to(layout.device), key=key)
         low.derive(self, "blocks", lambda: sel)
-        mod = self._mask_mod(low)
-        return block_mask_from_tensors(tensors, mod, layout.q_len, layout.kv_len, self.block_size)
+        return block_mask_from_tensors(tensors, local_mask_mod(self, low), layout.q_len, layout.kv_len, self.block_size)
 
     def block_selection(self, low: Lowering) -> torch.Tensor:
         """``[2, B, Hs, nb]``: the rank of each key block (0 = best) and each query block's threshold.

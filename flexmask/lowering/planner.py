@@ -114,7 +114,6 @@ def lower_block_mask(mask: Any, low: Lowering, offers: Offers | None = None, blo
         and Offers.GRAPHED_BUILD in offers
         and options.graphed_build
         and layout.device.type == "cuda"
-        and layout.offset == 0
         and mask._graphed_build_fits(layout)
     )
 

@@ -144,4 +144,5 @@ graphed_topk_blocks = CudaGraphed(_topk_blocks_build)
 """``graphed_topk_blocks(scores, key=(k, block_size, layout))``: :func:`_topk_blocks_build` from a CUDA graph."""
 
 GRAPHED_BLOCKS_LIMIT = 1 << 22
-"""Largest ``batch × heads × blocks²`` built from a CUDA graph (16 heads at 64k: a pool of ~0.3 GB)."""
+"""Largest ``batch × heads × query blocks × key blocks`` built from a CUDA graph (16 heads at 64k
+self-attention: a pool of ~0.3 GB)."""
