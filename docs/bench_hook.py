@@ -338,6 +338,39 @@ def model_step():
     )
 
 
+def context_parallel_layer():
+    """One attention layer's fwd+bwd on 2 GPUs (context parallel) against 1, from ``bench cp``."""
+    reports = [("cp-layer", load("cp-layer")), ("cp-layer-dma-fused", load("cp-layer-dma-fused"))]
+    fig, (ax,) = _figure(1, width=6.4, height=4.0)
+    bars = []  # (label, speedup, colour)
+    for name, report in reports:
+        rows = _rows(report, "One attention layer")
+        for row in rows:
+            same = [r for r in rows if r["N"] == row["N"] and r["variant"] == row["variant"]]
+            one = next((r for r in same if r["gpus"] == 1), None)
+            two, base = _ms(row.get("ms")), _ms(one.get("ms")) if one else None
+            if row["gpus"] != 2 or two is None or base is None:
+                continue
+            dma = row["variant"].startswith("DMA")
+            label = f"{row['variant'].replace(' top-w/128', '')}\nN {row['N'] // 1024}k"
+            if dma:
+                label += "\n" + ("fused bwd at an offset" if name.endswith("fused") else "flex bwd (before)")
+            bars.append((label, base / two, STYLE["block" if dma else "flex-causal"][1]))
+    xs = range(len(bars))
+    ax.bar(xs, [b[1] for b in bars], color=[b[2] for b in bars], width=0.6)
+    for x, (_, y, _) in zip(xs, bars, strict=True):
+        ax.annotate(f"{y:.2f}×", (x, y), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
+    ax.axhline(2.0, color="#444444", linestyle="--", linewidth=1)
+    ax.annotate(
+        "ideal (2 GPUs)", (len(bars) - 0.5, 2.0), textcoords="offset points", xytext=(0, 3), ha="right", fontsize=7
+    )
+    ax.set_xticks(list(xs), [b[0] for b in bars], fontsize=7)
+    ax.set_ylim(0, 2.4)
+    ax.set_ylabel("throughput on 2 GPUs / on 1 GPU", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _finish(fig, "One layer fwd+bwd, 2 GPUs vs 1 (bf16, Hq 16 / Hkv 8, D 128, balanced)", _source(*reports))
+
+
 def figures() -> dict[str, Callable]:
     """Slug → a function drawing that plot of the benchmarks page."""
     return {
@@ -347,6 +380,7 @@ def figures() -> dict[str, Callable]:
         "decoding": decoding,
         "decode-layer": decode_layer,
         "model-step": model_step,
+        "cp-layer": context_parallel_layer,
     }
 
 

@@ -109,11 +109,15 @@ def lower_block_mask(mask: Any, low: Lowering, offers: Offers | None = None, blo
     layout, options = low.layout, low.options
     if offers is None:
         offers = mask._offers(low)
+    # Under torch.compile no graph is captured and the build is traced instead: there the generic
+    # builder is traced (the graphed build's function, traced into a compiled decoder layer at 64k,
+    # failed inductor's code generation on an H200 with torch 2.11; the generic one compiled).
     graphed = (
         block_size == BLOCK
         and Offers.GRAPHED_BUILD in offers
         and options.graphed_build
         and layout.device.type == "cuda"
+        and not torch.compiler.is_compiling()
         and mask._graphed_build_fits(layout)
     )
 
