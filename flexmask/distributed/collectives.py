@@ -27,15 +27,10 @@ def reduce_scatter_flat(out: torch.Tensor, inp: torch.Tensor, group: dist.Proces
     reduce_scatter_tensor()(out.view(-1), inp.view(-1), group=group)
 
 
-def _owners(world: int, layout: ShardLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(rank, index in its shard)`` of each chunk of the whole, as two index tensors."""
-    owners = chunk_owners(world, layout)
-    return torch.tensor([r for r, _ in owners], device=device), torch.tensor([s for _, s in owners], device=device)
-
-
 def _all_gather(x: torch.Tensor, dim: int, layout: ShardLayout, group, world: int) -> torch.Tensor:
     pre, n, post = x.shape[:dim], x.shape[dim], x.shape[dim + 1 :]
     p = chunks_per_rank(layout)
+    c = n // p
     send = x.contiguous()
     if send.dtype == torch.bool:  # not every backend reduces or moves bool: send its bytes
         send = send.view(torch.uint8)
@@ -43,25 +38,24 @@ def _all_gather(x: torch.Tensor, dim: int, layout: ShardLayout, group, world: in
     all_gather_flat(buf, send, group)
     if x.dtype == torch.bool:
         buf = buf.view(torch.bool)
-    # [world, *pre, p, c, *post] -> [*pre, world, p, c, *post] -> chunks in sequence order (one copy)
-    buf = buf.view(world, *pre, p, n // p, *post).movedim(0, dim)
-    ranks, slots = _owners(world, layout, x.device)
-    whole = buf[(slice(None),) * dim + (ranks, slots)]
-    return whole.reshape(*pre, world * n, *post)
+    # chunk g of the whole is chunk `slot` of rank `rank`'s shard: one copy of each into place.
+    # (Slices, not index tensors: an index list made on the host and copied to a GPU would wait for
+    # the stream, every call.)
+    whole = torch.empty((*pre, world * n, *post), dtype=buf.dtype, device=x.device)
+    for g, (rank, slot) in enumerate(chunk_owners(world, layout)):
+        whole.narrow(dim, g * c, c).copy_(buf[rank].narrow(dim, slot * c, c))
+    return whole
 
 
 def _reduce_scatter(grad: torch.Tensor, dim: int, layout: ShardLayout, group, world: int) -> torch.Tensor:
     pre, length, post = grad.shape[:dim], grad.shape[dim], grad.shape[dim + 1 :]
     p = chunks_per_rank(layout)
     n = length // world
-    # the chunk of the whole each (rank, slot) holds, rank-major: the inverse of _all_gather's order
-    order = [0] * (world * p)
-    for g, (r, s) in enumerate(chunk_owners(world, layout)):
-        order[r * p + s] = g
-    chunks = grad.reshape(*pre, world * p, n // p, *post)
-    if order != list(range(world * p)):
-        chunks = chunks.index_select(dim, torch.tensor(order, device=grad.device))
-    send = chunks.reshape(*pre, world, n, *post).movedim(dim, 0).contiguous()
+    c = n // p
+    # rank-major: each rank's shard of the gradient, its chunks in slot order (the inverse of _all_gather)
+    send = torch.empty((world, *pre, n, *post), dtype=grad.dtype, device=grad.device)
+    for g, (rank, slot) in enumerate(chunk_owners(world, layout)):
+        send[rank].narrow(dim, slot * c, c).copy_(grad.narrow(dim, g * c, c))
     out = torch.empty((*pre, n, *post), dtype=grad.dtype, device=grad.device)
     reduce_scatter_flat(out, send, group)
     return out
