@@ -13,6 +13,7 @@ largest rank's ``torch.cuda.max_memory_allocated``.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import socket
@@ -167,7 +168,9 @@ def _worker(rank: int, world: int, port: int, spec: dict, tmp: str) -> None:
     cuda = spec["cuda"]
     if cuda:
         torch.cuda.set_device(rank)
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    # a rank that fails alone (out of memory) leaves the others in a collective: give up after 5 minutes
+    timeout = datetime.timedelta(seconds=300)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world, timeout=timeout)
     try:
         result = _measure(rank, world, spec)
     except Exception as e:  # noqa: BLE001 - the cell says what went wrong
