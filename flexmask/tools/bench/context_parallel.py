@@ -118,6 +118,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> Report:
                         row["ms"] = result
                     elif "error" in result:
                         row["ms"] = Note(result["error"])
+                        env.runner.errors += 1
                     else:
                         row["ms"] = result["ms"]
                         row["tok_gpu"] = n / world / result["ms"] * 1e3
