@@ -28,6 +28,7 @@ import torch.distributed as dist
 import flexmask as fm
 
 from ..errors import UsageError
+from .dma import dma_selection
 from .harness import Benchmark, Note, finish, make_env, meta, out_of_memory, short_error
 from .options import add_run_arguments, apply_presets, csv_choices, parse_lengths, positive_int
 from .report import Column, Report, Row, ratio
@@ -194,13 +195,11 @@ def _measure(rank: int, world: int, spec: dict) -> dict:
     q, k, v, s = randn(1, hq, n, d), randn(1, hkv, n, d), randn(1, hkv, n, d), randn(1, hkv, n, dt=torch.float32)
     grad = torch.randn(1, hq, n, d, generator=gen, device=device, dtype=dtype)
 
+    dma = spec["variant"] != "causal"
+    select = dma_selection(spec["variant"].removeprefix("dma-"), spec["window"]) if dma else None
+
     def step() -> None:
-        if spec["variant"] == "causal":
-            mask, bias = fm.causal(), None
-        elif spec["variant"] == "dma-token":
-            mask, bias = fm.topk(s, spec["window"]), fm.key_bias(s)
-        else:
-            mask, bias = fm.topk_blocks(s, max(1, spec["window"] // 128)), fm.key_bias(s)
+        mask, bias = (select(s), fm.key_bias(s)) if dma else (fm.causal(), None)
         if world == 1:
             out = fm.attention(q, k, v, mask=mask, bias=bias)
         else:

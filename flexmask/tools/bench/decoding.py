@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import flexmask as fm
 
 from ..errors import UsageError
+from .dma import dma_selection
 from .harness import Benchmark, Note, finish, make_env, meta
 from .options import add_device_arguments, add_run_arguments, apply_presets, csv_choices, parse_lengths
 from .report import Column, Report, Row, ratio
@@ -84,10 +85,8 @@ def _step(variant: str, q, k, v, s, window: int) -> Callable[[], torch.Tensor]:
         return lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1])
     if variant == "flex-causal":
         return lambda: fm.attention(q, k, v, mask=fm.causal())
-    if variant == "token":
-        return lambda: fm.attention(q, k, v, mask=fm.topk(s, window), bias=fm.key_bias(s), options={"cache": False})
-    blocks = max(1, window // 128)
-    return lambda: fm.attention(q, k, v, mask=fm.topk_blocks(s, blocks), bias=fm.key_bias(s), options={"cache": False})
+    select = dma_selection(variant, window)
+    return lambda: fm.attention(q, k, v, mask=select(s), bias=fm.key_bias(s), options={"cache": False})
 
 
 def _graphed(fn: Callable[[], torch.Tensor], device: torch.device) -> Callable[[], None]:

@@ -136,7 +136,10 @@ def _head_pair(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected Hq,Hkv such as 2,1, got {text!r}") from None
 
 
-def _dma_factory(variant: str, window: int, block_size: int) -> Callable:
+def dma_selection(variant: str, window: int, block_size: int = 128) -> Callable:
+    """``scores -> mask`` of a DMA variant, as every benchmark names it: ``"token"``
+    (``fm.topk(scores, window)``) or ``"block"`` (``fm.topk_blocks`` of ``window // block_size``
+    blocks); :class:`Skip` for a flexmask without it."""
     name = "topk" if variant == "token" else "topk_blocks"
     fn = getattr(fm, name, None)
     if fn is None:
@@ -190,7 +193,7 @@ def _dma_row(env: Env, args, inputs, n: int, hq: int, hkv: int, variant: str, sc
                 return flex(q, k, v, block_mask=bm, enable_gqa=gqa)
 
             return fwd, lambda: grad(fwd(), (q, k, v), grad_out)
-        make_mask = _dma_factory(variant, args.window, 128)
+        make_mask = dma_selection(variant, args.window)
         s = make_scores(scores, hkv, n, env.gen, dev)
         mask, bias = make_mask(s), fm.key_bias(s)
         layout = _internals.make_layout(1, hq, n, n, dev, hkv)
