@@ -41,8 +41,7 @@ def _attend_eager(q, k, v, positions, valid, scale: float, score_mod, mask_mod) 
         if ks is None:
             ks = k.reshape(B * Hkv * L, D).index_select(0, rows).view(B, Hkv, S, D)
             vs = v.reshape(B * Hkv * L, Dv).index_select(0, rows).view(B, Hkv, S, Dv)
-        qg = q.view(B, Hkv, group, D).to(compute)
-        scores = (qg @ ks.to(compute).transpose(-1, -2)).view(B, Hq, 1, S)
+        scores = _dots(q.view(B, Hkv, group, D), ks, compute).view(B, Hq, 1, S)
         kv_idx = positions.repeat_interleave(group, 1)[:, :, None, :]
         keep = valid.repeat_interleave(group, 1)[:, :, None, :]
     else:  # one selection per query head
@@ -51,7 +50,7 @@ def _attend_eager(q, k, v, positions, valid, scale: float, score_mod, mask_mod) 
         rows = (base + positions).reshape(-1)
         ks = k.reshape(B * Hkv * L, D).index_select(0, rows).view(B, Hq, S, D)
         vs = v.reshape(B * Hkv * L, Dv).index_select(0, rows).view(B, Hq, S, Dv)
-        scores = q.to(compute) @ ks.to(compute).transpose(-1, -2)  # [B, Hq, 1, S]
+        scores = _dots(q, ks, compute)  # [B, Hq, 1, S]
         kv_idx, keep = positions[:, :, None, :], valid[:, :, None, :]
     scores = scores * scale
     b = torch.arange(B, device=dev).view(-1, 1, 1, 1)
@@ -65,9 +64,28 @@ def _attend_eager(q, k, v, positions, valid, scale: float, score_mod, mask_mod) 
     alive = keep.any(-1, keepdim=True)
     p = torch.softmax(torch.where(alive, scores, torch.zeros_like(scores)), dim=-1) * alive
     if hs in (1, Hkv):
-        out = p.view(B, Hkv, group, S) @ vs.to(compute)  # [B, Hkv, group, Dv]
-        return out.view(B, Hq, 1, Dv).to(q.dtype)
-    return (p @ vs.to(compute)).to(q.dtype)
+        return _mix(p.view(B, Hkv, group, S), vs, compute).view(B, Hq, 1, Dv).to(q.dtype)
+    return _mix(p, vs, compute).to(q.dtype)
+
+
+def _dots(q: torch.Tensor, ks: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
+    """``q [.., G, D] · ks [.., S, D]`` → ``[.., G, S]`` in ``compute``.
+
+    Traced (compiled), as a broadcast product and a sum that inductor fuses with the gather into one
+    reduction reading the keys once in their own dtype; a batched matmul of a few rows there became
+    a float32 cuBLAS GEMV over a float32 copy of the keys (35 µs of a 150 µs H200 decoding step).
+    Eagerly, a matmul (no ``[.., G, S, D]`` temporary).
+    """
+    if torch.compiler.is_compiling():
+        return (q[..., :, None, :].to(compute) * ks[..., None, :, :].to(compute)).sum(-1)
+    return q.to(compute) @ ks.to(compute).transpose(-1, -2)
+
+
+def _mix(p: torch.Tensor, vs: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
+    """``p [.., G, S] @ vs [.., S, Dv]`` → ``[.., G, Dv]`` in ``compute``, as :func:`_dots` does it."""
+    if torch.compiler.is_compiling():
+        return (p[..., :, :, None] * vs[..., None, :, :].to(compute)).sum(-2)
+    return p @ vs.to(compute)
 
 
 # On CUDA the gathers, the dot products, the mask and bias evaluation and the softmax fuse into a few
