@@ -77,6 +77,14 @@ def cpu_flash_native_gqa() -> bool:
     return all(a.shape == b.shape and torch.allclose(a, b, atol=1e-12) for a, b in pairs)
 
 
+def mark_static_address(t: torch.Tensor) -> None:
+    """Tell dynamo that ``t`` keeps its address across calls (``torch._dynamo.mark_static_address``,
+    as transformers marks its static KV cache), so that CUDA graphs of compiled steps that write
+    into it in place are kept; a no-op while tracing."""
+    if not torch.compiler.is_compiling():
+        torch._dynamo.mark_static_address(t)
+
+
 def dynamo_counters() -> dict:
     """dynamo's event counters (``torch._dynamo.utils.counters``, private): ``["stats"]["unique_graphs"]`` etc."""
     from torch._dynamo.utils import counters

@@ -625,6 +625,47 @@ def test_dma_generate_with_a_static_cache(selection, gen):
     assert torch.equal(static, dynamic)
 
 
+def test_dma_static_cache_keeps_key_scores(gen):
+    """Beside a static cache each key is scored once, when it is written: after the prefill, every
+    decoding step runs `dt_proj` on its one new value per sequence, and the scores kept on the
+    cache layer equal those of all its value states."""
+    model = llama(torch.float64)
+    fm.hf.to_dma(model, keep_window=6, selection="token")
+    for layer in model.model.layers:
+        layer.self_attn.A.data.normal_(generator=gen)
+    rows: list[int] = []
+    model.model.layers[0].self_attn.dt_proj.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[1]))
+    ids = torch.randint(1, V, (2, 11), generator=gen)
+    settings = dict(max_new_tokens=7, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        out = model.generate(ids, cache_implementation="static", return_dict_in_generate=True, **settings)
+        assert rows == [17] + [1] * 6  # the prefill scores the whole (empty-tailed) cache once
+        assert torch.equal(out.sequences, model.generate(ids, **settings))
+    cache = out.past_key_values
+    written = ids.shape[1] + 6
+    for block in model.model.layers:
+        attn, layer = block.self_attn, cache.layers[block.self_attn.layer_idx]
+        values, scores = layer.flexmask_scores
+        assert values is layer.values
+        full = fm.dma.dynamic_bias(layer.values, attn.dt_proj, attn.A)
+        torch.testing.assert_close(scores[..., :written], full[..., :written], rtol=1e-12, atol=0)
+
+
+def test_dma_static_cache_beam_search(gen):
+    """Beam search reorders the cache's tensors: the kept key scores are computed anew, and the
+    beams equal those of the dynamic cache."""
+    model = llama(torch.float64)
+    fm.hf.to_dma(model, keep_window=5, selection="token")
+    for layer in model.model.layers:
+        layer.self_attn.A.data.normal_(generator=gen)
+    ids = torch.randint(1, V, (2, 9), generator=gen)
+    settings = dict(max_new_tokens=6, do_sample=False, num_beams=3, pad_token_id=0)
+    with torch.no_grad():
+        dynamic = model.generate(ids, **settings)
+        static = model.generate(ids, cache_implementation="static", **settings)
+    assert torch.equal(static, dynamic)
+
+
 def test_doge_generate_with_a_static_cache(gen):
     model = fm.hf.apply(doge(keep_window=5, gen=gen))
     ids = distinct_tokens(2, 12, gen)

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._compat import attn_implementation, closure, masking_utils, transformers_version
+from .._compat import attn_implementation, closure, mark_static_address, masking_utils, transformers_version
 from ..algebra.bias import Bias, key_bias
 from ..algebra.masks import KeyMask, Mask, causal, document, sliding_window
 from ..algebra.masks import mask as function_mask
@@ -386,7 +386,8 @@ def attention_forward(
     mask = attention_mask.combined(None if spec is None else spec.mask)
     bias = None if spec is None else spec.bias
     if spec is not None and spec.dma is not None:
-        scores, bias = _dma_scores(module, spec.dma, value, bias, query.dtype)  # [B, Hb, KV]
+        scores = _key_scores(module, spec.dma, value, attention_mask, kwargs.get(CACHE_KWARG))  # [B, Hb, KV]
+        bias = _with_key_bias(bias, scores, query.dtype)
         mask = _and(mask, _dma_selection(scores, spec.dma, attention_mask))
     out = attention(
         query,
@@ -402,11 +403,73 @@ def attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
-def _dma_scores(module, config: DMAConfig, value, bias: Bias | None, dtype) -> tuple[torch.Tensor, Bias]:
-    """DMA's per-key scores from the value states ``[B, Hb, KV]``, and ``bias`` plus their key bias."""
-    scores = dynamic_bias(value, module.dt_proj, module.A, config.bias_form)
+def _with_key_bias(bias: Bias | None, scores: torch.Tensor, dtype: torch.dtype) -> Bias:
+    """``bias`` plus DMA's key bias of ``scores`` (in the attention's dtype)."""
     dyn = key_bias(scores.to(dtype))
-    return scores, dyn if bias is None else bias + dyn
+    return dyn if bias is None else bias + dyn
+
+
+def _key_scores(module, config: DMAConfig, value: torch.Tensor, model: ModelMask, cache: Any) -> torch.Tensor:
+    """DMA's per-key scores ``[B, Hb, KV]`` of the keys this call attends to.
+
+    Each key's score depends on its value state only. Beside a static KV cache (a preallocated
+    transformers cache layer, as ``generate`` makes for ``cache_implementation="static"``), outside
+    autograd, the scores are kept on the cache layer and only the keys this call writes are scored:
+    a decoding step reads ``KV`` floats per head instead of all cached values. The kept scores are
+    tied to the value tensor they were computed from (its identity): when the cache's tensors are
+    replaced (beam search reorders them, batches are repeated or selected) they are computed anew
+    from all value states, as they are for every other cache and without one.
+    """
+
+    def score(v: torch.Tensor) -> torch.Tensor:
+        return dynamic_bias(v, module.dt_proj, module.A, config.bias_form)
+
+    layers = getattr(cache, "layers", None)
+    idx = module.layer_idx
+    layer = layers[idx] if isinstance(layers, list | tuple) and idx < len(layers) else None
+    if (
+        layer is None
+        or torch.is_grad_enabled()
+        or not getattr(layer, "is_compileable", False)
+        or getattr(layer, "is_sliding", True)  # a rolling buffer moves its keys
+        or getattr(layer, "values", None) is not value
+    ):
+        return score(value)
+    new = _written_positions(model, value.device)
+    kept = getattr(layer, _SCORES, None)
+    if new is None or kept is None or kept[0] is not value:
+        scores = score(value)
+        mark_static_address(scores)  # written in place by compiled decoding steps (CUDA graphs)
+        setattr(layer, _SCORES, (value, scores))
+        return scores
+    scores = kept[1]
+    scores.index_copy_(-1, new, score(value.index_select(2, new)).to(scores.dtype))
+    return scores
+
+
+CACHE_KWARG = "flexmask_cache"
+"""The keyword under which a DMA attention module hands its KV cache to the attention function."""
+_SCORES = "flexmask_scores"  # the attribute of a static cache layer holding (value states, their scores)
+
+
+def _written_positions(model: ModelMask, device: torch.device) -> torch.Tensor | None:
+    """The cache positions of this call's keys (those of its queries), ``[Q]`` int64, or ``None`` if unknown."""
+    q, kv, start = model.q_length, model.kv_length, model.q_start
+    if isinstance(start, torch.Tensor):
+        return start.to(device=device, dtype=torch.long).reshape(1) if q == 1 else None
+    if start is not None:
+        return torch.arange(start, start + q, device=device)
+    return torch.arange(kv - q, kv, device=device) if model.aligned else None
+
+
+def _hand_cache(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Forward pre-hook of a DMA attention module: passes the module's KV cache (``cache=``, or
+    ``past_key_values=`` before transformers renamed it) on to the attention function, which
+    transformers' attention modules call with their remaining keyword arguments."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is None:
+        return None
+    return args, {**kwargs, CACHE_KWARG: cache}
 
 
 def _context_parallel(module, spec: _LayerSpec, query, key, value, model: ModelMask | None, scaling, softcap):
@@ -426,7 +489,8 @@ def _context_parallel(module, spec: _LayerSpec, query, key, value, model: ModelM
         mask = mask & spec.mask
     bias = spec.bias
     if spec.dma is not None:
-        scores, bias = _dma_scores(module, spec.dma, value, bias, query.dtype)  # this rank's keys
+        scores = dynamic_bias(value, module.dt_proj, module.A, spec.dma.bias_form)  # this rank's keys
+        bias = _with_key_bias(bias, scores, query.dtype)
         mask = mask & spec.dma.content_mask(scores)
     out = sharded_attention(
         query,
@@ -551,6 +615,10 @@ def apply(
         elif settings is not None and hasattr(module, "dt_proj"):
             dma = DMAConfig(**settings)
         module._flexmask = _LayerSpec(layer_mask, layer_bias, dma, backend, sequence_sharding)
+        handle = getattr(module, "_flexmask_hook", None)
+        if handle is not None:
+            handle.remove()
+        module._flexmask_hook = None if dma is None else module.register_forward_pre_hook(_hand_cache, with_kwargs=True)
     model.set_attn_implementation(NAME)
     if attn_implementation(model) != NAME:
         raise ValueError(f"{type(model).__name__} cannot switch its attention implementation to {NAME!r}")
