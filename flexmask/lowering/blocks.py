@@ -59,15 +59,12 @@ def block_tensors(any_: torch.Tensor, all_: torch.Tensor) -> tuple[torch.Tensor,
     then launch-bound, so fewer, larger kernels are what makes it cheap. Large maps (over
     ``_BATCH_LIMIT`` blocks together) are ordered one by one, to keep the temporaries small.
     """
-    maps = torch.broadcast_tensors(any_ & ~all_, all_)  # (partial, full)
-    if 4 * maps[0].numel() > _BATCH_LIMIT:
-        # no stacked copy here: inductor fused the stack into the ordering's kernels and failed to
-        # generate code for a [1, 16, 512, 512] map (a compiled 64k decoder layer, H200, torch 2.11)
-        counts, order = zip(*(_ordered(m) for m in (*maps, *(m.transpose(-1, -2) for m in maps))), strict=True)
-        return tuple(t for pair in zip(counts, order, strict=True) for t in pair)
-    by_key = torch.stack(maps)
+    partial = any_ & ~all_
+    by_key = torch.stack(torch.broadcast_tensors(partial, all_))
     by_query = by_key.transpose(-1, -2)
-    if by_key.shape[-1] == by_key.shape[-2]:
+    if 2 * by_key.numel() > _BATCH_LIMIT:
+        counts, order = zip(*(_ordered(m) for m in (*by_key, *by_query)), strict=True)
+    elif by_key.shape[-1] == by_key.shape[-2]:
         counts, order = _ordered(torch.cat([by_key, by_query]))
     else:
         (key_counts, key_order), (query_counts, query_order) = _ordered(by_key), _ordered(by_query)
