@@ -17,6 +17,7 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 
 import flexmask as fm  # noqa: E402
+from flexmask._compat import dynamo_counters  # noqa: E402
 from flexmask import hf  # noqa: E402
 
 V = 128  # vocabulary
@@ -698,8 +699,13 @@ def test_compiled_generate_with_a_static_cache(kind, gen):
     compile_config = transformers.CompileConfig(backend="eager", fullgraph=True)
     compile_config._compile_all_devices = True  # transformers compiles on GPUs only, unless told
     torch._dynamo.reset()
+    counters = dynamo_counters()
+    counters.clear()
     with torch.no_grad():
         want = model.generate(ids, **settings)
         got = model.generate(ids, cache_implementation="static", compile_config=compile_config, **settings)
+    graphs = counters["stats"]["unique_graphs"]
     torch._dynamo.reset()
     assert torch.equal(got, want)
+    # one graph for every decoding step (a position read as an int would recompile per token)
+    assert graphs == 1, graphs

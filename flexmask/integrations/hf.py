@@ -76,8 +76,9 @@ class ModelMask:
         aligned: whether the queries are the last positions of the keys (false for a static
             cache, whose empty slots follow them).
         q_start: where the queries start among the keys when they are not the last ones (a static
-            cache): an int eagerly, a one-element tensor for one decoding query under
-            ``torch.compile``, else ``None``; the attention passes it on as ``q_offset``, and
+            cache): a one-element tensor for one decoding query whose position transformers gives
+            as a tensor (no host sync, and a compiled decoding step does not recompile per token),
+            else an int eagerly, or ``None`` (several queries under ``torch.compile``); the attention passes it on as ``q_offset``, and
             ``mask`` is then in those absolute positions.
 
     ``generate`` with a static cache builds the mask ahead and hands it to the model as an
@@ -179,12 +180,15 @@ def model_mask(
         # a static cache: the queries sit before its empty slots, and masks and DMA's selection must
         # see where they are. Eagerly their position is read (one host sync); one decoding query
         # under torch.compile keeps it a tensor (flexmask attends to it without reading it).
-        if not compiling:
+        if q_length == 1 and isinstance(q_offset, torch.Tensor):
+            # also eagerly: generate() prepares a static cache's mask outside its compiled decoding
+            # step, which would otherwise see a new int each step and recompile (or re-record its
+            # CUDA graph) for every token
+            q_start = (q_offset - kv_offset).reshape(1)
+        elif not compiling:
             start = int(q_offset) - kv_offset
             if 0 <= start <= kv_length - q_length:
                 q_start = start
-        elif q_length == 1 and isinstance(q_offset, torch.Tensor):
-            q_start = (q_offset - kv_offset).reshape(1)
     known = aligned or q_start is not None
     parts = _recognize(mask_function, shallow=compiling) if known else None
     if parts is not None and (parts["documents"] is None or (q_offset == 0 and q_length == kv_length)):
