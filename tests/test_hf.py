@@ -17,8 +17,8 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 
 import flexmask as fm  # noqa: E402
-from flexmask._compat import dynamo_counters  # noqa: E402
 from flexmask import hf  # noqa: E402
+from flexmask._compat import dynamo_counters  # noqa: E402
 
 V = 128  # vocabulary
 needs_topk = pytest.mark.skipif(not hasattr(fm, "topk"), reason="flexmask.topk (flexmask/dma.py) is not there yet")
@@ -677,6 +677,18 @@ def test_doge_generate_with_a_static_cache(gen):
         )
 
 
+def test_static_cache_decoding_position_stays_a_tensor():
+    """generate() prepares a static cache's mask outside its compiled decoding step: the query's
+    position must reach that step as a tensor, not as an int (a new int each token recompiled it,
+    or re-recorded its CUDA graph: 1-2 tokens/s on an H200)."""
+    causal_fn = transformers.masking_utils.causal_mask_function
+    for q_offset in (torch.tensor(9), torch.tensor([9])):
+        m = hf.model_mask(1, 1, 16, q_offset=q_offset, kv_offset=0, mask_function=causal_fn)
+        assert isinstance(m.q_start, torch.Tensor) and m.q_start.tolist() == [9]
+    m = hf.model_mask(1, 3, 16, q_offset=4, kv_offset=0, mask_function=causal_fn)  # a prefill chunk
+    assert m.q_start == 4
+
+
 @needs_topk
 @pytest.mark.parametrize("kind", ["dma-token", "dma-block", "doge", "apply-window"])
 def test_compiled_generate_with_a_static_cache(kind, gen):
@@ -707,5 +719,6 @@ def test_compiled_generate_with_a_static_cache(kind, gen):
     graphs = counters["stats"]["unique_graphs"]
     torch._dynamo.reset()
     assert torch.equal(got, want)
-    # one graph for every decoding step (a position read as an int would recompile per token)
-    assert graphs == 1, graphs
+    # one graph for the decoding steps (a position read as an int recompiled per token); transformers
+    # 5.4 adds one when the cache fills up (its padded 2-D mask is then all ones, and flexmask drops it)
+    assert graphs <= 2, graphs

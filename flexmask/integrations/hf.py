@@ -78,8 +78,8 @@ class ModelMask:
         q_start: where the queries start among the keys when they are not the last ones (a static
             cache): a one-element tensor for one decoding query whose position transformers gives
             as a tensor (no host sync, and a compiled decoding step does not recompile per token),
-            else an int eagerly, or ``None`` (several queries under ``torch.compile``); the attention passes it on as ``q_offset``, and
-            ``mask`` is then in those absolute positions.
+            else an int eagerly, or ``None`` (several queries under ``torch.compile``); the attention
+            passes it on as ``q_offset``, and ``mask`` is then in those absolute positions.
 
     ``generate`` with a static cache builds the mask ahead and hands it to the model as an
     "already prepared" mask: ``ndim``/``contiguous`` let it pass, and the mask interface returns it.
