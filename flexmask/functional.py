@@ -82,7 +82,13 @@ def attention(
         _checked(bias, layout)
     for observe in observers:
         observe(mask, layout)
-    if opts.backend == "flex" and not q.is_cuda and torch.is_grad_enabled() and _needs_grad(q, k, v, bias):
+    if (
+        opts.backend == "flex"
+        and not q.is_cuda
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()  # (its check iterates the bias's attributes: a graph break)
+        and _needs_grad(q, k, v, bias)
+    ):
         raise ValueError(
             f"backend='flex' on {q.device.type} runs forward only (FlexAttention has no backward "
             "there), but an input requires grad; use backend='reference' (or 'auto') to train on CPU"

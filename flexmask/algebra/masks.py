@@ -82,7 +82,7 @@ class Mask:
         """The key length fixed by the mask's own tensors (one entry per key), else ``None``."""
         return None
 
-    def _offers(self, low: Lowering) -> Offers:
+    def _offers(self, low: Lowering) -> int:
         """What this mask's lowering offers beyond a ``mask_mod`` and block maps."""
         return Offers.NONE
 

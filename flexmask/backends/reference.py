@@ -145,7 +145,8 @@ class _Context:
     """The call's constants and the per-chunk steps (mask, bias, kernel) that read them."""
 
     def __init__(self, **kw):
-        self.__dict__.update(kw)
+        for name, value in kw.items():  # (not `__dict__.update`: dynamo in torch 2.11 breaks the graph there)
+            setattr(self, name, value)
 
     # -- mask and bias of a chunk ------------------------------------------------------------
 

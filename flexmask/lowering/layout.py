@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -59,20 +58,25 @@ class Layout:
         return not self.offset_is_tensor and self.offset + self.q_len == self.kv_len
 
 
-class Offers(enum.Flag):
-    """What a mask's lowering offers the planner, beyond a ``mask_mod`` and block maps."""
+class Offers:
+    """What a mask's lowering offers the planner, beyond a ``mask_mod`` and block maps: bit flags,
+    combined with ``|`` and tested with ``&``.
+
+    Plain ints rather than an ``enum.Flag``: dynamo in torch 2.11 (Python 3.12) breaks the graph on
+    ``flag in flags``, and the planner runs inside compiled models.
+    """
 
     NONE = 0
     #: Every partial block of its BlockMask is a diagonal block of a causal mask (``j <= i`` inside),
     #: so kernels that apply the causal rule in partial blocks are exact (``fm.topk_blocks``).
-    CAUSAL_PARTIAL_BLOCKS = enum.auto()
+    CAUSAL_PARTIAL_BLOCKS = 1
     #: A key layout in which the keys each query block needs are contiguous runs (a lone ``fm.topk``).
-    TOKEN_LAYOUT = enum.auto()
+    TOKEN_LAYOUT = 2
     #: Its whole BlockMask build (selection included) can be replayed from a CUDA graph.
-    GRAPHED_BUILD = enum.auto()
+    GRAPHED_BUILD = 4
     #: For one decoding query, a content factor can name the few positions it may keep
     #: (``_gather_factor``/``_decode_gather``): the call attends to those only.
-    GATHER_DECODE = enum.auto()
+    GATHER_DECODE = 8
 
 
 @dataclass

@@ -40,7 +40,7 @@ def lower(mask: Any, bias: Any, *, layout: Layout, options: Resolved, scale: flo
     decoding = layout.q_len == 1
     if decoding and mask is not None and options.gather_decode and options.backend != "reference":
         factor = mask._gather_factor()
-        if factor is not None and Offers.GATHER_DECODE in factor._offers(low):
+        if factor is not None and factor._offers(low) & Offers.GATHER_DECODE:
             gathered, mask_mod = lowered(
                 (mask,),
                 ("gather", layout),
@@ -62,7 +62,7 @@ def lower(mask: Any, bias: Any, *, layout: Layout, options: Resolved, scale: flo
 
     offers = Offers.NONE if mask is None else mask._offers(low)
     t = None if bias is None else bias._key_bias()
-    if Offers.TOKEN_LAYOUT in offers and options.token_layout and softcap is None and layout.q_len == layout.kv_len:
+    if offers & Offers.TOKEN_LAYOUT and options.token_layout and softcap is None and layout.q_len == layout.kv_len:
         scores_shape = mask._token_scores_shape()
         if scores_shape[1] in (1, layout.kv_heads) and (
             bias is None or (t is not None and t.shape[1:] == scores_shape[1:])
@@ -78,7 +78,7 @@ def lower(mask: Any, bias: Any, *, layout: Layout, options: Resolved, scale: flo
 
     block_mask = None if mask is None else lower_block_mask(mask, low, offers)
     if t is not None and softcap is None and key_bias_path(t, layout, options):
-        causal = Offers.CAUSAL_PARTIAL_BLOCKS in offers
+        causal = bool(offers & Offers.CAUSAL_PARTIAL_BLOCKS)
         return Plan("key_bias", block_mask=block_mask, key_bias=t, causal_partial=causal, **common)
     return Plan("flex", block_mask=block_mask, score_mod=lower_score(bias, softcap, layout), **common)
 
@@ -104,7 +104,7 @@ def key_bias_path(t: torch.Tensor, layout: Layout, options: Resolved) -> bool:
     )
 
 
-def lower_block_mask(mask: Any, low: Lowering, offers: Offers | None = None, block_size: int = BLOCK):
+def lower_block_mask(mask: Any, low: Lowering, offers: int | None = None, block_size: int = BLOCK):
     """The mask's BlockMask for ``low.layout`` (blocks of ``block_size``), from the one cache."""
     layout, options = low.layout, low.options
     if offers is None:
@@ -112,9 +112,9 @@ def lower_block_mask(mask: Any, low: Lowering, offers: Offers | None = None, blo
     # Under torch.compile no graph is captured and the build is traced instead: there the generic
     # builder is traced (the graphed build's function, traced into a compiled decoder layer at 64k,
     # failed inductor's code generation on an H200 with torch 2.11; the generic one compiled).
-    graphed = (
+    graphed = bool(
         block_size == BLOCK
-        and Offers.GRAPHED_BUILD in offers
+        and offers & Offers.GRAPHED_BUILD
         and options.graphed_build
         and layout.device.type == "cuda"
         and not torch.compiler.is_compiling()
