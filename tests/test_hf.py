@@ -690,7 +690,7 @@ def test_static_cache_decoding_position_stays_a_tensor():
 
 
 @needs_topk
-@pytest.mark.parametrize("kind", ["dma-token", "dma-block", "doge", "apply-window"])
+@pytest.mark.parametrize("kind", ["dma-token", "dma-block", "dma-block-128", "doge", "apply-window"])
 def test_compiled_generate_with_a_static_cache(kind, gen):
     """transformers compiles the decoding step when the cache is static (here with dynamo's eager
     backend, `fullgraph=True`, on CPU): the step reads the query's position as a tensor, with no
@@ -700,13 +700,18 @@ def test_compiled_generate_with_a_static_cache(kind, gen):
         ids = distinct_tokens(2, 12, gen)
     else:
         model = llama(torch.float64)
+        n = 12
         if kind == "apply-window":  # a user mask on top of the model's, in absolute positions
             fm.hf.apply(model, mask=fm.sliding_window(5))
+        elif kind == "dma-block-128":  # flex's block size: what the planner checks the query's offset against
+            fm.hf.to_dma(model, keep_window=128, selection="block", block_size=128)
+            n = 300
         else:
             fm.hf.to_dma(model, keep_window=6, selection=kind.removeprefix("dma-"), block_size=4)
-            for layer in model.model.layers:
+        for layer in model.model.layers:
+            if hasattr(layer.self_attn, "A"):
                 layer.self_attn.A.data.normal_(generator=gen)
-        ids = torch.randint(1, V, (2, 12), generator=gen)
+        ids = torch.randint(1, V, (2, n), generator=gen)
     settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     compile_config = transformers.CompileConfig(backend="eager", fullgraph=True)
     compile_config._compile_all_devices = True  # transformers compiles on GPUs only, unless told

@@ -232,8 +232,9 @@ class TopKBlocks(_ContentMask):
         self._check_shapes(layout, n, f"kv_len={layout.kv_len} or {nb}")
 
     def _offers(self, low):
-        if self.among is not None or self.block_size != BLOCK or low.layout.offset % BLOCK:
-            return Offers.GATHER_DECODE
+        layout = low.layout
+        if self.among is not None or self.block_size != BLOCK or layout.offset_is_tensor or layout.offset % BLOCK:
+            return Offers.GATHER_DECODE  # (a tensor offset: one decoding query, never a BlockMask)
         return Offers.CAUSAL_PARTIAL_BLOCKS | Offers.GRAPHED_BUILD | Offers.GATHER_DECODE
 
     def _graphed_build_fits(self, layout: Layout) -> bool:

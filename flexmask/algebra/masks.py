@@ -258,7 +258,9 @@ class Causal(Mask):
         return kr.lo <= qr.hi, kr.hi <= qr.lo
 
     def _offers(self, low):
-        return Offers.CAUSAL_PARTIAL_BLOCKS if low.layout.offset % BLOCK == 0 else Offers.NONE
+        layout = low.layout
+        aligned = not layout.offset_is_tensor and layout.offset % BLOCK == 0  # (never read a tensor offset)
+        return Offers.CAUSAL_PARTIAL_BLOCKS if aligned else Offers.NONE
 
     def __repr__(self):
         return "causal()"
