@@ -205,6 +205,7 @@ def model_mask(
             valid=valid,
             documents=documents,
             window=parts["window"],
+            aligned=aligned,
             q_start=q_start,
         )
 
