@@ -652,6 +652,28 @@ def test_dma_static_cache_keeps_key_scores(gen):
         torch.testing.assert_close(scores[..., :written], full[..., :written], rtol=1e-12, atol=0)
 
 
+def test_dma_static_cache_survives_steps_under_another_implementation(gen):
+    """Decoding steps run under another attention implementation write keys into the static cache
+    without their scores: back under flexmask the kept scores are computed anew, and the logits
+    equal those of the same steps over a dynamic cache (which keeps no scores)."""
+    model = llama(torch.float64)
+    fm.hf.to_dma(model, keep_window=5, selection="token")
+    for layer in model.model.layers:
+        layer.self_attn.A.data.normal_(generator=gen)
+    ids = torch.randint(1, V, (2, 14), generator=gen)
+
+    def steps(cache):
+        for step, (lo, hi) in enumerate([(0, 10), (10, 11), (11, 12), (12, 13), (13, 14)]):
+            model.set_attn_implementation("eager" if step in (1, 2) else hf.NAME)
+            logits = model(ids[:, lo:hi], past_key_values=cache, cache_position=torch.arange(lo, hi)).logits
+        return logits
+
+    with torch.no_grad():
+        static = steps(transformers.StaticCache(config=model.config, max_cache_len=14))
+        dynamic = steps(transformers.DynamicCache())
+    close(static, dynamic, torch.float64)
+
+
 def test_dma_static_cache_beam_search(gen):
     """Beam search reorders the cache's tensors: the kept key scores are computed anew, and the
     beams equal those of the dynamic cache."""

@@ -470,9 +470,18 @@ def _written_positions(model: ModelMask, device: torch.device) -> torch.Tensor |
 def _hand_cache(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     """Forward pre-hook of a DMA attention module: passes the module's KV cache (``cache=``, or
     ``past_key_values=`` before transformers renamed it) on to the attention function, which
-    transformers' attention modules call with their remaining keyword arguments."""
+    transformers' attention modules call with their remaining keyword arguments. Under another
+    attention implementation it forgets the layer's kept scores instead: that step writes keys
+    without them."""
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache is None:
+        return None
+    if attn_implementation(module) != NAME:  # another implementation writes keys without their scores
+        layers = getattr(cache, "layers", None)
+        if isinstance(layers, list | tuple) and module.layer_idx < len(layers):
+            layer = layers[module.layer_idx]
+            if getattr(layer, _SCORES, None) is not None:
+                setattr(layer, _SCORES, None)
         return None
     return args, {**kwargs, CACHE_KWARG: cache}
 
