@@ -662,10 +662,13 @@ def test_dma_static_cache_survives_steps_under_another_implementation(gen):
         layer.self_attn.A.data.normal_(generator=gen)
     ids = torch.randint(1, V, (2, 14), generator=gen)
 
+    # transformers renamed `past_key_values` to `cache` (5.24 warns on the old name; 5.4 has only it)
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
     def steps(cache):
         for step, (lo, hi) in enumerate([(0, 10), (10, 11), (11, 12), (12, 13), (13, 14)]):
             model.set_attn_implementation("eager" if step in (1, 2) else hf.NAME)
-            logits = model(ids[:, lo:hi], past_key_values=cache, cache_position=torch.arange(lo, hi)).logits
+            logits = model(ids[:, lo:hi], **{name: cache}, cache_position=torch.arange(lo, hi)).logits
         return logits
 
     with torch.no_grad():
