@@ -596,6 +596,8 @@ def test_dma_models_under_inference_mode(selection, gen):
     with torch.inference_mode():
         close(model(ids).logits, logits, torch.float64)
         assert torch.equal(model.generate(ids, **settings), tokens)
+        # a static cache keeps the key scores, as inference tensors
+        assert torch.equal(model.generate(ids, cache_implementation="static", **settings), tokens)
 
 
 def test_doge_under_inference_mode(gen):
