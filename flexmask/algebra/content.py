@@ -232,9 +232,8 @@ class TopKBlocks(_ContentMask):
         self._check_shapes(layout, n, f"kv_len={layout.kv_len} or {nb}")
 
     def _offers(self, low):
-        layout = low.layout
-        if self.among is not None or self.block_size != BLOCK or layout.offset_is_tensor or layout.offset % BLOCK:
-            return Offers.GATHER_DECODE  # (a tensor offset: one decoding query, never a BlockMask)
+        if self.among is not None or self.block_size != BLOCK or not low.layout.starts_on_block:
+            return Offers.GATHER_DECODE
         return Offers.CAUSAL_PARTIAL_BLOCKS | Offers.GRAPHED_BUILD | Offers.GATHER_DECODE
 
     def _graphed_build_fits(self, layout: Layout) -> bool:

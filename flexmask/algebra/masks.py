@@ -258,9 +258,7 @@ class Causal(Mask):
         return kr.lo <= qr.hi, kr.hi <= qr.lo
 
     def _offers(self, low):
-        layout = low.layout
-        aligned = not layout.offset_is_tensor and layout.offset % BLOCK == 0  # (never read a tensor offset)
-        return Offers.CAUSAL_PARTIAL_BLOCKS if aligned else Offers.NONE
+        return Offers.CAUSAL_PARTIAL_BLOCKS if low.layout.starts_on_block else Offers.NONE
 
     def __repr__(self):
         return "causal()"

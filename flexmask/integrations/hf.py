@@ -178,12 +178,11 @@ def model_mask(
     q_start = None
     if not aligned and isinstance(kv_offset, int):
         # a static cache: the queries sit before its empty slots, and masks and DMA's selection must
-        # see where they are. Eagerly their position is read (one host sync); one decoding query
-        # under torch.compile keeps it a tensor (flexmask attends to it without reading it).
+        # see where they are. One decoding query keeps its position a tensor (flexmask attends to it
+        # without reading it), also eagerly: generate() prepares this mask outside its compiled
+        # decoding step, which would otherwise see a new int each token and recompile (or re-record
+        # its CUDA graph). Several queries eagerly: their position is read (one host sync).
         if q_length == 1 and isinstance(q_offset, torch.Tensor):
-            # also eagerly: generate() prepares a static cache's mask outside its compiled decoding
-            # step, which would otherwise see a new int each step and recompile (or re-record its
-            # CUDA graph) for every token
             q_start = (q_offset - kv_offset).reshape(1)
         elif not compiling:
             start = int(q_offset) - kv_offset
@@ -426,12 +425,7 @@ def _key_scores(module, config: DMAConfig, value: torch.Tensor, model: ModelMask
     from all value states, as they are for every other cache and without one.
     """
 
-    def score(v: torch.Tensor) -> torch.Tensor:
-        return dynamic_bias(v, module.dt_proj, module.A, config.bias_form)
-
-    layers = getattr(cache, "layers", None)
-    idx = module.layer_idx
-    layer = layers[idx] if isinstance(layers, list | tuple) and idx < len(layers) else None
+    layer = _cache_layer(cache, module.layer_idx)
     if (
         layer is None
         or torch.is_grad_enabled()
@@ -439,17 +433,28 @@ def _key_scores(module, config: DMAConfig, value: torch.Tensor, model: ModelMask
         or getattr(layer, "is_sliding", True)  # a rolling buffer moves its keys
         or getattr(layer, "values", None) is not value
     ):
-        return score(value)
+        return _value_scores(module, config, value)
     new = _written_positions(model, value.device)
     kept = getattr(layer, _SCORES, None)
     if new is None or kept is None or kept[0] is not value:
-        scores = score(value)
+        scores = _value_scores(module, config, value)
         mark_static_address(scores)  # written in place by compiled decoding steps (CUDA graphs)
         setattr(layer, _SCORES, (value, scores))
         return scores
     scores = kept[1]
-    scores.index_copy_(-1, new, score(value.index_select(2, new)).to(scores.dtype))
+    scores.index_copy_(-1, new, _value_scores(module, config, value.index_select(2, new)).to(scores.dtype))
     return scores
+
+
+def _value_scores(module, config: DMAConfig, value: torch.Tensor) -> torch.Tensor:
+    """DMA's score of each key from its value state: ``[B, Hb, N]`` for ``value`` ``[B, Hkv, N, D]``."""
+    return dynamic_bias(value, module.dt_proj, module.A, config.bias_form)
+
+
+def _cache_layer(cache: Any, layer_idx: int) -> Any:
+    """Layer ``layer_idx`` of a transformers KV cache, or ``None`` (no cache, or one without such a layer)."""
+    layers = getattr(cache, "layers", None)
+    return layers[layer_idx] if isinstance(layers, list | tuple) and layer_idx < len(layers) else None
 
 
 CACHE_KWARG = "flexmask_cache"
@@ -477,11 +482,9 @@ def _hand_cache(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, di
     if cache is None:
         return None
     if attn_implementation(module) != NAME:  # another implementation writes keys without their scores
-        layers = getattr(cache, "layers", None)
-        if isinstance(layers, list | tuple) and module.layer_idx < len(layers):
-            layer = layers[module.layer_idx]
-            if getattr(layer, _SCORES, None) is not None:
-                setattr(layer, _SCORES, None)
+        layer = _cache_layer(cache, module.layer_idx)
+        if getattr(layer, _SCORES, None) is not None:
+            setattr(layer, _SCORES, None)
         return None
     return args, {**kwargs, CACHE_KWARG: cache}
 
@@ -503,7 +506,7 @@ def _context_parallel(module, spec: _LayerSpec, query, key, value, model: ModelM
         mask = mask & spec.mask
     bias = spec.bias
     if spec.dma is not None:
-        scores = dynamic_bias(value, module.dt_proj, module.A, spec.dma.bias_form)  # this rank's keys
+        scores = _value_scores(module, spec.dma, value)  # this rank's keys
         bias = _with_key_bias(bias, scores, query.dtype)
         mask = mask & spec.dma.content_mask(scores)
     out = sharded_attention(

@@ -45,12 +45,18 @@ class Layout:
     @property
     def offset(self) -> int | torch.Tensor:
         """Absolute position of the first query: an int, or a one-element int64 tensor when a call
-        gives its one decoding query's position as a tensor (a static KV cache under ``torch.compile``)."""
+        gives its one decoding query's position as a tensor (a static KV cache's decoding step)."""
         return self.kv_len - self.q_len if self.q_start is None else self.q_start
 
     @property
     def offset_is_tensor(self) -> bool:
         return isinstance(self.q_start, torch.Tensor)
+
+    @property
+    def starts_on_block(self) -> bool:
+        """Whether the first query starts a block of ``BLOCK`` (false for a tensor position, which is
+        never read on the host: a graph break under ``torch.compile``)."""
+        return not self.offset_is_tensor and self.offset % BLOCK == 0
 
     @property
     def last_query_is_last_key(self) -> bool:
