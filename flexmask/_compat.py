@@ -85,6 +85,33 @@ def mark_static_address(t: torch.Tensor) -> None:
         torch._dynamo.mark_static_address(t)
 
 
+# torch < 2.13: inductor's split scan (a long cumsum over few rows) fails to generate code when a
+# broadcast operand is fused into it ("list indices must be integers or slices, not NoneType",
+# pytorch/pytorch#180221, fixed by #180369).
+_SPLIT_SCAN_FUSION_BROKEN = torch.torch_version.TorchVersion(torch.__version__) < (2, 13)
+
+
+@torch.library.custom_op("flexmask::cumsum", mutates_args=())
+def _unfused_cumsum(x: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.cumsum(x, dim, dtype=dtype)
+
+
+@_unfused_cumsum.register_fake
+def _(x: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty_like(x, dtype=dtype)
+
+
+def cumsum(x: torch.Tensor, dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``torch.cumsum`` of integer counts. Under ``torch.compile`` on a GPU with torch < 2.13 it is
+    an op inductor does not fuse into (its input is materialised first), which avoids the split-scan
+    code generation failure of those releases (pytorch/pytorch#180221)."""
+    if dtype is None:
+        dtype = torch.int64 if not x.is_floating_point() else x.dtype
+    if _SPLIT_SCAN_FUSION_BROKEN and x.device.type != "cpu" and torch.compiler.is_compiling():
+        return _unfused_cumsum(x, dim, dtype)
+    return torch.cumsum(x, dim, dtype=dtype)
+
+
 def dynamo_counters() -> dict:
     """dynamo's event counters (``torch._dynamo.utils.counters``, private): ``["stats"]["unique_graphs"]`` etc."""
     from torch._dynamo.utils import counters

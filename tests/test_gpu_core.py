@@ -248,3 +248,15 @@ def test_structural_builder_matches_create_block_mask_at_4096(which, gen):
         dense_blocks(ours.full_kv_num_blocks, ours.full_kv_indices),
         dense_blocks(theirs.full_kv_num_blocks, theirs.full_kv_indices),
     )
+
+
+def test_block_partition_compiles_with_broadcast_maps(gen):
+    """The BlockMask partition of a broadcast [1, 16, 512, 512] block map compiles (torch < 2.13's
+    split-scan code generation failed on it: pytorch/pytorch#180221) and equals the eager one."""
+    from flexmask.lowering.blocks import _ordered
+
+    any_ = (torch.rand(1, 1, 512, 512, generator=gen) < 0.3).cuda()
+    all_ = (torch.rand(1, 16, 512, 512, generator=gen) < 0.5).cuda()
+    fn = torch.compile(lambda a, b: _ordered(a & ~b), fullgraph=True)
+    for got, want in zip(fn(any_, all_), _ordered(any_ & ~all_), strict=True):
+        assert torch.equal(got, want)

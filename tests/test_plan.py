@@ -360,3 +360,16 @@ def test_map_keys_replaces_every_key_indexed_tensor(gen):
     shapes = [tuple(p.t.shape) for p in bias._map_keys(twice)._parts() if hasattr(p, "t")]
     assert shapes == [(2, 2, 20), (2, 1, 5, 20), (2, 1)]
     assert fm.topk_blocks(s, 1, block_size=2)._map_keys(twice).scores.shape == (2, 2, 20)
+
+
+def test_counting_scan_outside_inductor_fusion(gen):
+    """The cumsum the lowering counts with (``_compat.cumsum``) and the unfused op it becomes under
+    compile on torch < 2.13: equal to torch.cumsum, also with a broadcast operand, fullgraph."""
+    from flexmask._compat import _unfused_cumsum, cumsum
+
+    rows = torch.rand(3, 1, 517, generator=gen) < 0.4
+    heads = torch.rand(1, 4, 517, generator=gen) < 0.7
+    for x, dtype in ((rows & heads, torch.int32), ((rows & heads).long(), None)):
+        assert torch.equal(cumsum(x, -1, dtype), torch.cumsum(x, -1, dtype=dtype))
+    compiled = torch.compile(lambda a, b: _unfused_cumsum(a & b, -1, torch.int32) - 1, fullgraph=True)
+    assert torch.equal(compiled(rows, heads), (rows & heads).cumsum(-1, dtype=torch.int32) - 1)

@@ -171,7 +171,10 @@ def model_mask(
     valid = None
     if attention_mask is not None:
         valid = _key_slice(attention_mask.to(device=device), kv_offset, kv_length)
-        if not compiling and bool(valid.all()):
+        # no padding: drop the key mask. A static cache's empty slots are padding, so decoding with one
+        # needs no look at the mask (which would synchronise with the device every token)
+        fills = attention_mask.shape[-1] >= kv_offset + kv_length
+        if fills and not compiling and bool(valid.all()):
             valid = None
 
     aligned = isinstance(q_offset, int) and isinstance(kv_offset, int) and q_offset - kv_offset == kv_length - q_length

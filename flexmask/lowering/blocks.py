@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
+from .._compat import cumsum
 from .layout import Lowering, ModFn, block_ranges, local_mask_mod
 
 
@@ -40,7 +41,7 @@ def _ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     b = blocks.to(torch.int32)
     counts = b.sum(-1, dtype=torch.int32)
-    before = b.cumsum(-1, dtype=torch.int32) - b  # set blocks before each one
+    before = cumsum(b, -1, torch.int32) - b  # set blocks before each one
     idx = torch.arange(b.shape[-1], device=b.device, dtype=torch.int32).expand_as(b)
     pos = torch.where(blocks, before, counts[..., None] + idx - before)
     order = torch.empty_like(b).scatter_(-1, pos.long(), idx)

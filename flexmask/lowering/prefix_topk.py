@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._compat import cumsum
 from .layout import per_block_min_max
 
 
@@ -45,7 +46,7 @@ def prefix_kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     zero_prefix, zero_count = [], []
     for level in range(levels - 1, -1, -1):
         bit = (cur >> level) & 1
-        zp = F.pad(torch.cumsum(1 - bit, -1), (1, 0))  # [R, N + 1] zeros before each position
+        zp = F.pad(cumsum(1 - bit, -1), (1, 0))  # [R, N + 1] zeros before each position
         nz = zp[:, -1:]
         dest = torch.where(bit == 0, zp[:, :-1], nz + positions - zp[:, :-1])
         cur = torch.empty_like(cur).scatter_(-1, dest, cur)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .._compat import cumsum
 from .blocks import block_tensors
 from .cache import compiled_on_cuda
 from .graphs import CudaGraphed
@@ -50,7 +51,7 @@ def key_candidates(
     segments = None
     if ids is not None:
         ids = ids.to(device).expand(batch, ids.shape[-1])
-        segments = F.pad(torch.cumsum(ids[:, 1:] != ids[:, :-1], -1), (1, 0))[:, None].expand_as(s)
+        segments = F.pad(cumsum(ids[:, 1:] != ids[:, :-1], -1), (1, 0))[:, None].expand_as(s)
     return s, segments
 
 

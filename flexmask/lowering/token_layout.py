@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
+from .._compat import cumsum
 from .blocks import block_mask_from_tensors, block_tensors
 from .cache import compiled_on_cuda
 from .graphs import CudaGraphed
@@ -95,8 +96,8 @@ def layout_plan(ends: torch.Tensor, block: int, keep: int) -> dict[str, torch.Te
         f_lo, f_hi = -(-start // block), full_end // block
         ok = has & (f_hi > f_lo)
         _mark(all_d, torch.where(ok, f_lo, 0), torch.where(ok, f_hi, 0))
-    any_ = any_d.cumsum(-1)[..., :nkb] > 0
-    all_ = all_d.cumsum(-1)[..., :nkb] > 0
+    any_ = cumsum(any_d, -1)[..., :nkb] > 0
+    all_ = cumsum(all_d, -1)[..., :nkb] > 0
     return {
         "orig": torch.cat(orig_parts, -1),
         "serve_lo": torch.cat(lo_parts, -1),
