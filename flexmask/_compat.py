@@ -93,12 +93,12 @@ _SPLIT_SCAN_FUSION_BROKEN = torch.torch_version.TorchVersion(torch.__version__) 
 
 @torch.library.custom_op("flexmask::cumsum", mutates_args=())
 def _unfused_cumsum(x: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
-    return torch.cumsum(x, dim, dtype=dtype)
+    return torch.cumsum(x.contiguous(), dim, dtype=dtype)  # contiguous, whatever the input's strides
 
 
 @_unfused_cumsum.register_fake
 def _(x: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
-    return torch.empty_like(x, dtype=dtype)
+    return x.new_empty(x.shape, dtype=dtype)
 
 
 def cumsum(x: torch.Tensor, dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:

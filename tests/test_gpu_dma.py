@@ -7,7 +7,7 @@ import torch
 
 import flexmask as fm
 
-from ._reference import brute_topk_blocks, dense_attention, heads_to, rel_err
+from ._reference import brute_topk_blocks, dense_attention, heads_to, ref_attention, rel_err
 
 pytestmark = pytest.mark.gpu
 
@@ -293,3 +293,87 @@ def test_fused_backward_for_rows_at_an_offset(monkeypatch, offset, rows):
     assert calls, "the fused backward did not run"
     for a, b in zip(got, want, strict=True):
         assert rel_err(a, b) < 2e-2
+
+
+def last_row_keep(s: torch.Tensor, k: int, query: int, lengths=None, ids=None) -> torch.Tensor:
+    """``[B, Hs, L]`` keys kept by the query at ``query`` under prefix top-``k``: its candidates
+    (at or before it, in its document, before the row's length) sorted by score, then position."""
+    B, Hs, L = s.shape
+    keep = torch.zeros(B, Hs, L, dtype=torch.bool)
+    for b in range(B):
+        for h in range(Hs):
+            row = s[b, h].tolist()
+            cand = [
+                j
+                for j in range(query + 1)
+                if (lengths is None or j < lengths[b]) and (ids is None or ids[b][j] == ids[b][query])
+            ]
+            cand.sort(key=lambda j: (row[j], j), reverse=True)
+            keep[b, h, cand[:k]] = True
+    return keep
+
+
+@pytest.mark.parametrize("L", [1, 7, 301, 5000])
+@pytest.mark.parametrize("hs", [1, 2, 4])
+def test_decode_token_selection_in_triton_matches_float64(hs, L):
+    """A decoding query under ``fm.topk`` selects by the Triton radix select on CUDA: exact against
+    float64 attention over a sorted selection; ties, signed zeros, NaN, GQA, batch 2, every head layout."""
+    from flexmask.lowering import radix_select
+
+    gen = torch.Generator().manual_seed(1000 * hs + L)
+    B, HQ, HKV, D = 2, 4, 2, 16
+    q = torch.randn(B, HQ, 1, D, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(B, HKV, L, D, generator=gen, dtype=torch.float64) for _ in range(2))
+    s = torch.randint(-2, 3, (B, hs, L), generator=gen).float()  # many ties
+    s[0, 0, : L // 2] *= -0.0
+    if L > 5:
+        s[1, -1, 3] = float("nan")
+    assert radix_select.available(s.cuda())
+    clean = torch.nan_to_num(s.double(), nan=float("-inf"))
+    for w in sorted({1, 5, L, L + 3, 2048}):
+        keep = heads_to(last_row_keep(clean, w, L - 1), HQ)[:, :, None, :]
+        out = fm.attention(q.cuda(), k.cuda(), v.cuda(), mask=fm.topk(s.cuda(), w))
+        torch.testing.assert_close(out.cpu(), ref_attention(q, k, v, keep=keep), rtol=1e-12, atol=1e-12)
+
+
+def test_decode_token_selection_in_triton_among_documents_and_padding_and_before_the_end():
+    gen = torch.Generator().manual_seed(7)
+    B, HQ, HKV, D, L = 2, 4, 2, 16, 3001
+    q = torch.randn(B, HQ, 1, D, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(B, HKV, L, D, generator=gen, dtype=torch.float64) for _ in range(2))
+    s = torch.randn(B, HKV, L, generator=gen)
+    lengths = torch.tensor([L, 2000])
+    ids = torch.repeat_interleave(torch.arange(3), torch.tensor([900, 1500, 601]))[None].repeat(B, 1)
+    cuda = [t.cuda() for t in (q, k, v)]
+    cases = [
+        (fm.topk(s.cuda(), 400, among=fm.padding(lengths.cuda())), dict(lengths=lengths.tolist())),
+        (fm.topk(s.cuda(), 400, among=fm.document(ids.cuda())), dict(ids=ids.tolist())),
+        (fm.topk(s.cuda(), 2000, among=fm.document(ids.cuda())), dict(ids=ids.tolist())),  # fewer candidates
+    ]
+    for mask, among in cases:
+        keep = last_row_keep(s.double(), mask.k, L - 1, **among)
+        if "lengths" in among:
+            keep &= torch.arange(L) < lengths.view(-1, 1, 1)
+        want = ref_attention(q, k, v, keep=heads_to(keep, HQ)[:, :, None, :])
+        torch.testing.assert_close(fm.attention(*cuda, mask=mask).cpu(), want, rtol=1e-12, atol=1e-12)
+    # the query at position 1700 of the cache: keys after it never count
+    keep = last_row_keep(s.double(), 300, 1700)
+    want = ref_attention(q, k[:, :, :1701], v[:, :, :1701], keep=heads_to(keep, HQ)[:, :, None, :1701])
+    out = fm.attention(*cuda, mask=fm.topk(s.cuda(), 300), q_offset=torch.tensor(1700, device="cuda"))
+    torch.testing.assert_close(out.cpu(), want, rtol=1e-12, atol=1e-12)
+
+
+def test_radix_select_equals_a_sort_at_cache_lengths():
+    """The radix select alone, rows of 16k and 130k float32 scores, k = 2048: the positions a sort keeps."""
+    from flexmask.lowering.radix_select import topk_positions
+
+    gen = torch.Generator().manual_seed(3)
+    for rows, L in ((8, 16384), (3, 130001)):
+        s = torch.randn(rows, L, generator=gen)
+        s[:, ::5] = s[:, 1:2]  # one tie class per row
+        query = L - 7
+        got = topk_positions(s.cuda(), None, torch.tensor([query], device="cuda"), 2048).cpu()
+        pos = torch.arange(L, dtype=torch.float64)
+        rank = torch.where(pos <= query, s.double() * 2**40 + pos, float("-inf"))  # exact: |s| < 2^8, pos < 2^18
+        want = rank.topk(2048, -1).indices.sort(-1).values
+        assert torch.equal(got, want)

@@ -373,3 +373,6 @@ def test_counting_scan_outside_inductor_fusion(gen):
         assert torch.equal(cumsum(x, -1, dtype), torch.cumsum(x, -1, dtype=dtype))
     compiled = torch.compile(lambda a, b: _unfused_cumsum(a & b, -1, torch.int32) - 1, fullgraph=True)
     assert torch.equal(compiled(rows, heads), (rows & heads).cumsum(-1, dtype=torch.int32) - 1)
+    maps = (rows & heads).int()
+    for x in (maps, maps.transpose(0, 2)):  # also a transposed view: the fake kernel's strides must be right
+        torch.library.opcheck(_unfused_cumsum, (x, -1, torch.int32))
