@@ -60,7 +60,7 @@ if triton is not None:
         return (u << PB) | offs.to(tl.int64), in_range
 
     @triton.jit
-    def _fixed(hist_ptr, row, R, k, PASS: tl.constexpr):
+    def _fixed(hist_ptr, row, R, k, PASS: tl.constexpr, DIGIT: tl.constexpr):
         """The digits fixed by passes ``0 .. PASS - 1`` (as one integer) and how many keys still
         have to be taken among those matching them."""
         bins = tl.arange(0, 1 << DIGIT)
@@ -80,9 +80,10 @@ if triton is not None:
     def _count_pass(
         s_ptr, seg_ptr, q_ptr, hist_ptr, L, R, k, SLICE,
         PB: tl.constexpr, HAS_SEG: tl.constexpr, PASS: tl.constexpr, PASSES: tl.constexpr,
+        DIGIT: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
         row, part = tl.program_id(0), tl.program_id(1)
-        prefix, _ = _fixed(hist_ptr, row, R, k, PASS)
+        prefix, _ = _fixed(hist_ptr, row, R, k, PASS, DIGIT)
         shift = DIGIT * (PASSES - 1 - PASS)
         bins = tl.arange(0, 1 << DIGIT)
         counts = tl.zeros((1 << DIGIT,), dtype=tl.int32)
@@ -97,10 +98,10 @@ if triton is not None:
     @triton.jit
     def _kept_count(
         s_ptr, seg_ptr, q_ptr, hist_ptr, kept_ptr, L, R, k, SLICE, S,
-        PB: tl.constexpr, HAS_SEG: tl.constexpr, PASSES: tl.constexpr,
+        PB: tl.constexpr, HAS_SEG: tl.constexpr, PASSES: tl.constexpr, DIGIT: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
         row, part = tl.program_id(0), tl.program_id(1)
-        tau, _ = _fixed(hist_ptr, row, R, k, PASSES)
+        tau, _ = _fixed(hist_ptr, row, R, k, PASSES, DIGIT)
         n = tl.zeros((), dtype=tl.int32)
         for start in range(part * SLICE, tl.minimum(part * SLICE + SLICE, L), BLOCK):
             key, in_range = _keys(s_ptr, seg_ptr, q_ptr, row, start + tl.arange(0, BLOCK), L, PB, HAS_SEG)
@@ -111,9 +112,10 @@ if triton is not None:
     def _kept_write(
         s_ptr, seg_ptr, q_ptr, hist_ptr, kept_ptr, out_ptr, L, R, k, SLICE, S,
         PB: tl.constexpr, HAS_SEG: tl.constexpr, PASSES: tl.constexpr, S_POW2: tl.constexpr,
+        DIGIT: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
         row, part = tl.program_id(0), tl.program_id(1)
-        tau, _ = _fixed(hist_ptr, row, R, k, PASSES)
+        tau, _ = _fixed(hist_ptr, row, R, k, PASSES, DIGIT)
         parts = tl.arange(0, S_POW2)
         base = tl.sum(tl.load(kept_ptr + row * S + parts, mask=parts < part, other=0), 0)
         for start in range(part * SLICE, tl.minimum(part * SLICE + SLICE, L), BLOCK):
@@ -155,7 +157,7 @@ def topk_positions(scores: torch.Tensor, segments: torch.Tensor | None, query: t
     seg = segments.contiguous() if has_seg else scores  # a placeholder pointer when there are none
     q = query.reshape(1).to(device=scores.device, dtype=torch.int64)
     grid = (rows, slices)
-    common = dict(PB=position_bits, HAS_SEG=has_seg)
+    common = dict(PB=position_bits, HAS_SEG=has_seg, DIGIT=DIGIT, BLOCK=BLOCK)  # Triton reads no globals
     for p in range(passes):
         _count_pass[grid](scores, seg, q, hist, n, rows, k, slice_len, PASS=p, PASSES=passes, **common)
     _kept_count[grid](scores, seg, q, hist, kept, n, rows, k, slice_len, slices, PASSES=passes, **common)
