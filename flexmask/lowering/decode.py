@@ -20,7 +20,6 @@ from typing import NamedTuple
 
 import torch
 
-from . import radix_select
 from .cache import compiled_on_cuda
 from .layout import Layout
 from .prefix_topk import rank_keys
@@ -84,15 +83,8 @@ def topk_candidates(
     non-candidates.
     """
     scores = scores.detach().to(layout.device)
-    query, k = layout.offset, min(k, layout.kv_len)
-    if radix_select.available(scores):  # CUDA, float32 ranking: a radix select in Triton
-        s, segments = key_candidates(scores, layout, ids, lengths)
-        b, hs, n = s.shape
-        flat = None if segments is None else segments.reshape(b * hs, n)
-        position = _as_position(query, s.device).reshape(1)
-        top = radix_select.topk_positions(s.reshape(b * hs, n), flat, position, k).view(b, hs, k)
-    else:
-        top = _topk_positions(scores, k, layout.batch, ids, lengths, query)
+    query = layout.offset
+    top = _topk_positions(scores, min(k, layout.kv_len), layout.batch, ids, lengths, query)
     return Gathered(top, top <= query)  # past the query: picked only when fewer keys exist
 
 
