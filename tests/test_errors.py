@@ -283,3 +283,12 @@ def test_checks_run_before_any_work_on_valid_looking_layouts():
             fm.attention(q, k, v, mask=mask, backend="flex")
         with pytest.raises(ValueError, match=r"(document ids|padding lengths)"):
             fm.attention(q, k, v, mask=mask, backend="reference")
+
+
+def test_custom_mask_function_of_the_wrong_arity_is_refused_at_construction():
+    with pytest.raises(TypeError, match=r"\(b, h, q_idx, kv_idx\).*signature \(b, h, i\)"):
+        fm.mask(lambda b, h, i: i > 0)
+    with pytest.raises(TypeError, match="signature"):
+        fm.mask(lambda b, h, i, j, extra: i >= j)
+    for ok in (lambda *a: a[2] >= a[3], lambda b, h, i, j, extra=1: i >= j, torch.ge):
+        fm.mask(ok)  # variadic, defaulted and unreadable signatures pass

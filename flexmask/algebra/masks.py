@@ -27,6 +27,7 @@ Examples:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 
 import torch
@@ -486,6 +487,7 @@ class Custom(Mask):
             raise TypeError(f"fm.mask expects a function (b, h, q_idx, kv_idx) -> bool, got {type(fn).__name__}")
         if name is not None and not isinstance(name, str):
             raise TypeError(f"fm.mask name must be a str, got {type(name).__name__}")
+        _check_four_arguments(fn)
         self.fn = fn
         self.name = name or getattr(fn, "__name__", "fn")
 
@@ -704,6 +706,24 @@ def mask(fn: Callable[..., torch.Tensor], name: str | None = None) -> Mask:
 
 # ---------------------------------------------------------------------------------------------
 # helpers
+
+
+def _check_four_arguments(fn: Callable) -> None:
+    """A ``TypeError`` now, not at the first call, for a mask function that cannot take
+    ``(b, h, q_idx, kv_idx)``; functions whose signature Python cannot read pass, as does
+    everything while tracing (a compiled model builds its masks inside the graph)."""
+    if torch.compiler.is_compiling():
+        return
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins and some C callables
+        return
+    try:
+        signature.bind(0, 0, 0, 0)
+    except TypeError:
+        raise TypeError(
+            f"fm.mask expects a function (b, h, q_idx, kv_idx) -> bool, got one with signature {signature}"
+        ) from None
 
 
 def _wrap(m: Mask, precedence: int) -> str:
