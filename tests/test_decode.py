@@ -91,13 +91,15 @@ def test_decode_among_padding_and_documents_and_other_factors(gen):
     assert kind(fm.topk(s, 40), L, backend="reference") == "reference"
 
 
-def test_decode_gather_traces_as_one_graph(gen):
+@pytest.mark.parametrize("content", ["token", "block"])
+def test_decode_gather_traces_as_one_graph(content, gen):
     """Fixed shapes, no host synchronisation: the whole decode step traces into one graph."""
     L = 200
     q, k, v = cache(gen, L, dtype=torch.float32)
+    select = (lambda s: fm.topk(s, 16)) if content == "token" else (lambda s: fm.topk_blocks(s, 2, block_size=32))
 
     def step(q, k, v, s):
-        return fm.attention(q, k, v, mask=fm.topk(s, 16), bias=fm.key_bias(s))
+        return fm.attention(q, k, v, mask=select(s), bias=fm.key_bias(s))
 
     s = torch.randn(B, HKV, L, generator=gen)
     torch._dynamo.reset()

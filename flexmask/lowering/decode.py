@@ -106,18 +106,22 @@ def topk_blocks_candidates(
     """The key positions ``fm.topk_blocks(scores, k)`` keeps for the one query (at ``layout.offset``):
     its query block's ``k`` best past blocks and the query's own block up to it (``valid`` marks kept
     positions)."""
-    n = layout.kv_len
+    scores = scores.detach().to(layout.device)
+    positions, valid = _block_positions(scores, k, block_size, layout.kv_len, layout.batch, lengths, layout.offset)
+    return Gathered(positions, valid)
+
+
+def _block_positions_eager(scores, k: int, block_size: int, n: int, batch: int, lengths, query):
     nb = -(-n // block_size)
     per_key = scores.shape[-1] != nb
-    s, _ = key_candidates(scores, layout, None, lengths, per_key=per_key)
+    s, _ = key_candidates(scores, (batch, scores.device), None, lengths, per_key=per_key)
     if per_key:  # a block's score is its best key's
         s = torch.nn.functional.pad(s, (0, nb * block_size - n), value=float("-inf"))
         s = s.view(*s.shape[:-1], nb, block_size).amax(-1)
     elif lengths is not None:  # blocks starting past the length don't compete
-        lengths = lengths.to(layout.device).view(-1, 1, 1)
-        s = s.masked_fill(torch.arange(nb, device=layout.device) * block_size >= lengths, float("-inf"))
+        lengths = lengths.to(s.device).view(-1, 1, 1)
+        s = s.masked_fill(torch.arange(nb, device=s.device) * block_size >= lengths, float("-inf"))
     b, hs, _ = s.shape
-    query = layout.offset
     t = _as_position(query, s.device) // block_size  # the query's block
     keys = _order_keys(s.reshape(b * hs, nb), None, nb - 1)
     keys = torch.where(torch.arange(nb, device=s.device) < t, keys, _LOWEST)  # past blocks only
@@ -129,4 +133,9 @@ def topk_blocks_candidates(
     valid = kept[..., None] & (positions <= query)
     positions = positions.clamp(max=n - 1)  # (a Python bound: no host-to-device copy, graph-capturable)
     shape = (b, hs, (picked + 1) * block_size)
-    return Gathered(positions.reshape(shape), valid.reshape(shape))
+    return positions.reshape(shape), valid.reshape(shape)
+
+
+# as for token selection: a dozen elementwise kernels and a small top-k become a few fused kernels
+# on CUDA (a decoding step replayed from a CUDA graph launches each); automatic dynamic shapes
+_block_positions = compiled_on_cuda(_block_positions_eager, dynamic=None)
