@@ -716,6 +716,32 @@ def test_static_cache_decoding_position_stays_a_tensor():
     assert m.q_start == 4
 
 
+def test_static_cache_decoding_mask_reads_nothing_from_the_device():
+    """The mask generate() prepares each token for a static cache reads no tensor value on the host
+    (it asked whether the padding mask had any padding: a device synchronisation per token, which
+    kept the host from queueing the next step; DMA block went from 332 to 403 tokens/s at 16k on an
+    H200 without it). A mask as long as the keys is still read once, to drop a mask with no padding."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostReads(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
+                HostReads.count += 1
+            return func(*args, **(kwargs or {}))
+
+    causal = dict(kv_offset=0, mask_function=transformers.masking_utils.causal_mask_function)
+    seen = torch.ones(2, 10, dtype=torch.long)
+    with HostReads():
+        m = hf.model_mask(2, 1, 32, q_offset=torch.tensor([9]), attention_mask=seen, **causal)
+    assert HostReads.count == 0
+    assert m.valid is not None and m.valid[:, :10].all() and not m.valid[:, 10:].any()  # empty slots: padding
+    with HostReads():
+        m = hf.model_mask(2, 10, 10, q_offset=0, attention_mask=seen, **causal)
+    assert HostReads.count == 1 and m.valid is None
+
+
 @needs_topk
 @pytest.mark.parametrize("kind", ["dma-token", "dma-block", "dma-block-128", "doge", "apply-window"])
 def test_compiled_generate_with_a_static_cache(kind, gen):
