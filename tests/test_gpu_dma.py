@@ -212,32 +212,50 @@ def test_query_side_key_mass_matches_float64_and_the_transposed_pass():
         assert rel_err(a, b) < 1e-2
 
 
+def bf16_inputs(seed: int, B: int, Hq: int, Hkv: int, rows: int, n: int, D: int, score_batch: int | None = None):
+    """``q`` ``[B, Hq, rows, D]``, ``k``, ``v`` ``[B, Hkv, n, D]`` (bf16) and scores ``[score_batch or B, Hkv, n]``
+    (float32) on CUDA from ``seed``, all requiring gradients."""
+    torch.manual_seed(seed)
+    q = torch.randn(B, Hq, rows, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(B, Hkv, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(B, Hkv, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    s = torch.randn(score_batch or B, Hkv, n, device="cuda", requires_grad=True)
+    return q, k, v, s
+
+
+def spy_on_fused_backward(monkeypatch) -> list:
+    """A list that gets one entry per call of the fused Triton backward."""
+    from flexmask.backends.triton import fused_bwd
+
+    calls = []
+    real = fused_bwd.backward
+    monkeypatch.setattr(fused_bwd, "backward", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def assert_gradients_match(out, ref, inputs) -> None:
+    """Every gradient of ``out`` (bf16) within 2e-2 relative of float64 ``ref``'s, for one random ``dO``."""
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, inputs, g)
+    want = torch.autograd.grad(ref, inputs, g.double())
+    for a, b in zip(got, want, strict=True):
+        assert rel_err(a, b) < 2e-2
+
+
 @pytest.mark.parametrize("split", [False, True], ids=["one-program-per-key-block", "split-lists"])
 def test_fused_backward_matches_float64(monkeypatch, split):
     """The fused Triton backward for block DMA (backends/triton/fused_bwd.py): dq, dk, dv and the key-bias
     gradient vs float64 autograd, GQA, a bias shared over the batch; with each key block's list in
     one program, and split over programs of one entry (float32 atomics)."""
-    from flexmask.backends.triton import fused_bwd
-
     options = {"key_bias_grad": "fused", "split_below": 10**6 if split else 0, "split_chunk": 1 if split else 16}
-    torch.manual_seed(9)
     B, Hq, Hkv, n, D = 2, 4, 2, 1000, 64
-    q = torch.randn(B, Hq, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(B, Hkv, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(B, Hkv, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    s = torch.randn(1, Hkv, n, device="cuda", requires_grad=True)
-    calls = []
-    real = fused_bwd.backward
-    monkeypatch.setattr(fused_bwd, "backward", lambda *a: calls.append(1) or real(*a))
+    q, k, v, s = bf16_inputs(9, B, Hq, Hkv, n, n, D, score_batch=1)
+    calls = spy_on_fused_backward(monkeypatch)
     out = fm.attention(q, k, v, mask=fm.topk_blocks(s.detach(), 2), bias=fm.key_bias(s), options=options)
     keep = brute_topk_blocks(s.detach().expand(B, -1, -1).cpu(), 2, 128).to("cuda")
     ref = dense_attention(q, k, v, heads_to(keep, Hq), heads_to(s.expand(B, -1, -1), Hq))
-    g = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v, s), g)
-    want = torch.autograd.grad(ref, (q, k, v, s), g.double())
+    assert_gradients_match(out, ref, (q, k, v, s))
     assert calls, "the fused backward did not run"
-    for a, b in zip(got, want, strict=True):
-        assert rel_err(a, b) < 2e-2
 
 
 @pytest.mark.parametrize("choice", ["auto", "query_side", "transposed", "flex"])
@@ -245,54 +263,30 @@ def test_causal_key_bias_every_gradient_path_matches_float64(monkeypatch, choice
     """A causal mask's partial blocks are causal too: the planner offers the Triton paths for
     `causal() + key_bias` (DMA with a window larger than the sequence); every choice of
     `key_bias_grad` gives float64's gradients, and "auto" takes the fused backward."""
-    from flexmask.backends.triton import fused_bwd
-
-    torch.manual_seed(10)
     B, Hq, Hkv, n, D = 1, 4, 2, 777, 64
-    q = torch.randn(B, Hq, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(B, Hkv, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(B, Hkv, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    s = torch.randn(B, Hkv, n, device="cuda", requires_grad=True)
-    calls = []
-    real = fused_bwd.backward
-    monkeypatch.setattr(fused_bwd, "backward", lambda *a: calls.append(1) or real(*a))
+    q, k, v, s = bf16_inputs(10, B, Hq, Hkv, n, n, D)
+    calls = spy_on_fused_backward(monkeypatch)
     out = fm.attention(q, k, v, mask=fm.causal(), bias=fm.key_bias(s), options={"key_bias_grad": choice})
     keep = torch.ones(n, n, dtype=torch.bool, device="cuda").tril()[None, None]
     ref = dense_attention(q, k, v, keep, heads_to(s, Hq))
     assert rel_err(out, ref) < 1e-2
-    g = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v, s), g)
-    want = torch.autograd.grad(ref, (q, k, v, s), g.double())
+    assert_gradients_match(out, ref, (q, k, v, s))
     assert bool(calls) == (choice == "auto")
-    for a, b in zip(got, want, strict=True):
-        assert rel_err(a, b) < 2e-2
 
 
 @pytest.mark.parametrize("offset, rows", [(128, 256), (256, 744)], ids=["whole-blocks", "to-the-end"])
 def test_fused_backward_for_rows_at_an_offset(monkeypatch, offset, rows):
     """Context parallelism's calls: a run of query rows at ``q_offset`` (from a block boundary)
     against every key takes the fused backward too; dq, dk, dv and the key-bias gradient vs float64."""
-    from flexmask.backends.triton import fused_bwd
-
-    torch.manual_seed(11)
     B, Hq, Hkv, n, D = 1, 4, 2, 1000, 64
-    q = torch.randn(B, Hq, rows, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(B, Hkv, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(B, Hkv, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    s = torch.randn(B, Hkv, n, device="cuda", requires_grad=True)
-    calls = []
-    real = fused_bwd.backward
-    monkeypatch.setattr(fused_bwd, "backward", lambda *a: calls.append(1) or real(*a))
+    q, k, v, s = bf16_inputs(11, B, Hq, Hkv, rows, n, D)
+    calls = spy_on_fused_backward(monkeypatch)
     out = fm.attention(q, k, v, mask=fm.topk_blocks(s.detach(), 2), bias=fm.key_bias(s), q_offset=offset)
     keep = brute_topk_blocks(s.detach().cpu(), 2, 128).to("cuda")[:, :, offset : offset + rows]
     ref = dense_attention(q, k, v, heads_to(keep, Hq), heads_to(s, Hq))
     assert rel_err(out, ref) < 1e-2
-    g = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v, s), g)
-    want = torch.autograd.grad(ref, (q, k, v, s), g.double())
+    assert_gradients_match(out, ref, (q, k, v, s))
     assert calls, "the fused backward did not run"
-    for a, b in zip(got, want, strict=True):
-        assert rel_err(a, b) < 2e-2
 
 
 def last_row_keep(s: torch.Tensor, k: int, query: int, lengths=None, ids=None) -> torch.Tensor:
