@@ -1,0 +1,266 @@
+"""Token-level top-k attention that reads each query block's kept keys in place (Triton, CUDA).
+
+Under ``fm.topk(scores, w)`` query ``i`` keeps key ``j`` iff ``j <= i < e_j``, where ``e_j`` is the
+key's interval end (:func:`flexmask.lowering.selection.topk_ends`). A block of ``BM`` consecutive
+queries therefore keeps at most ``w + BM`` distinct keys: those with ``j < (m + 1)·BM`` and
+``e_j > m·BM``. Here each query block gets that list (ascending positions, built by one scan per
+block), and one program per (query block, query head) walks it in chunks of ``BN`` keys, loading
+the keys' rows, values, interval ends and biases by index; the rule ``j <= i < e_j`` masks inside
+the chunk. Nothing is copied and no BlockMask is built.
+
+Backward, the same programs recompute the probabilities: ``dQ`` stays in registers, ``dK``/``dV``
+and the bias gradient (``Σ_i dS_ij``, summed over the chunk's queries first: one atomic per key and
+chunk) are added atomically into float32 buffers.
+
+Status: exact against float64 in the Triton interpreter and compiled for sm_90 without a GPU;
+not yet timed on a GPU, and not used by ``fm.attention``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:  # Triton ships with CUDA builds of torch; CPU-only installs have none
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+LOG2E = 1.4426950408889634
+
+
+def kept_lists(ends: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each query block ``m`` of ``block`` queries, the keys it keeps: ``(lists, counts)``,
+    ``[R, nqb, cap]`` int32 ascending positions (padding after ``counts``) and ``[R, nqb]`` int32,
+    with ``R = B·Hs`` rows of ``ends`` ``[B, Hs, N]`` and ``cap`` the longest list (``<= w + block``).
+
+    Pure PyTorch reference of :func:`_kept_lists_kernel`, ``O(N² / block)`` per row."""
+    b, hs, n = ends.shape
+    e = ends.reshape(b * hs, 1, n).long()
+    nqb = -(-n // block)
+    lo = torch.arange(nqb, device=ends.device).view(1, -1, 1) * block
+    j = torch.arange(n, device=ends.device).view(1, 1, -1)
+    keep = (j < lo + block) & (e > lo) & (e > j)  # [R, nqb, N]; e_j = j: a key no query keeps
+    counts = keep.sum(-1)
+    cap = max(int(counts.max()), 1)
+    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :cap]  # kept first, ascending
+    lists = torch.where(torch.arange(cap, device=ends.device) < counts[..., None], order, 0)
+    return lists.to(torch.int32), counts.to(torch.int32)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _lists(E, LIST, CNT, N, CAP, NQB, BM: tl.constexpr, CHUNK: tl.constexpr):
+        """One program per (query block, row): the keys ``j < hi`` with ``e_j > max(j, lo)``, in order."""
+        m = tl.program_id(0)
+        row = tl.program_id(1).to(tl.int64)
+        lo = m * BM
+        hi = tl.minimum(lo + BM, N)
+        base = tl.zeros((), tl.int32)
+        out = LIST + (row * NQB + m) * CAP
+        for start in range(0, hi, CHUNK):
+            j = start + tl.arange(0, CHUNK)
+            e = tl.load(E + row * N + j, mask=j < hi, other=0)
+            keep = ((j < hi) & (e > lo) & (e > j)).to(tl.int32)
+            slot = base + tl.cumsum(keep, 0) - keep
+            tl.store(out + slot, j, mask=(keep == 1) & (slot < CAP))
+            base += tl.sum(keep, 0)
+        tl.store(CNT + row * NQB + m, tl.minimum(base, CAP))
+
+    @triton.jit
+    def _fwd(
+        Q, K, V, T, E, LIST, CNT, O, LSE,
+        sm_scale, N, CAP, NQB,
+        HQ: tl.constexpr, G: tl.constexpr, HS_DIV: tl.constexpr, T_HEADS_DIV: tl.constexpr, T_BATCH: tl.constexpr,
+        HAS_T: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    ):  # fmt: skip
+        m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // HQ
+        h = bh % HQ
+        hkv = h // G
+        hs = h // HS_DIV  # selection head
+        nhs = HQ // HS_DIV
+        row = (b * nhs + hs).to(tl.int64)
+        i = m * BM + tl.arange(0, BM)
+        d = tl.arange(0, D)
+        q_base = ((b * HQ + h).to(tl.int64) * N) * D
+        kv_base = ((b * (HQ // G) + hkv).to(tl.int64) * N) * D
+        q = tl.load(Q + q_base + i[:, None] * D + d[None, :], mask=i[:, None] < N, other=0.0)
+        qk_scale = sm_scale * 1.4426950408889634
+        m_i = tl.full((BM,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BM,), tl.float32)
+        acc = tl.zeros((BM, D), tl.float32)
+        count = tl.load(CNT + row * NQB + m)
+        list_base = (row * NQB + m) * CAP
+        if HAS_T:
+            t_row = ((b % T_BATCH) * (HQ // T_HEADS_DIV) + h // T_HEADS_DIV).to(tl.int64) * N
+        for start in range(0, count, BN):
+            c = start + tl.arange(0, BN)
+            in_list = c < count
+            j = tl.load(LIST + list_base + c, mask=in_list, other=0)
+            kt = tl.load(K + kv_base + j[None, :].to(tl.int64) * D + d[:, None], mask=in_list[None, :], other=0.0)
+            s = tl.dot(q, kt) * qk_scale
+            if HAS_T:
+                s += tl.load(T + t_row + j, mask=in_list, other=0.0)[None, :] * 1.4426950408889634
+            e = tl.load(E + row * N + j, mask=in_list, other=0)
+            keep = in_list[None, :] & (j[None, :] <= i[:, None]) & (i[:, None] < e[None, :])
+            s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + kv_base + j[:, None].to(tl.int64) * D + d[None, :], mask=in_list[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        alive = l_i > 0
+        out = acc / tl.where(alive, l_i, 1.0)[:, None]
+        tl.store(O + q_base + i[:, None] * D + d[None, :], out.to(O.dtype.element_ty), mask=i[:, None] < N)
+        lse = tl.where(alive, (m_i + tl.log2(tl.where(alive, l_i, 1.0))) / 1.4426950408889634, float("inf"))
+        tl.store(LSE + (b * HQ + h).to(tl.int64) * N + i, lse, mask=i < N)
+
+    @triton.jit
+    def _bwd(
+        Q, K, V, T, E, LIST, CNT, DO, LSE, DELTA, DQ, DK, DV, DT,
+        sm_scale, N, CAP, NQB,
+        HQ: tl.constexpr, G: tl.constexpr, HS_DIV: tl.constexpr, T_HEADS_DIV: tl.constexpr, T_BATCH: tl.constexpr,
+        HAS_T: tl.constexpr, T_GRAD: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    ):  # fmt: skip
+        m = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // HQ
+        h = bh % HQ
+        hkv = h // G
+        hs = h // HS_DIV
+        nhs = HQ // HS_DIV
+        row = (b * nhs + hs).to(tl.int64)
+        i = m * BM + tl.arange(0, BM)
+        d = tl.arange(0, D)
+        q_base = ((b * HQ + h).to(tl.int64) * N) * D
+        kv_base = ((b * (HQ // G) + hkv).to(tl.int64) * N) * D
+        rows_ok = i < N
+        q = tl.load(Q + q_base + i[:, None] * D + d[None, :], mask=rows_ok[:, None], other=0.0)
+        do = tl.load(DO + q_base + i[:, None] * D + d[None, :], mask=rows_ok[:, None], other=0.0)
+        lse = tl.load(LSE + (b * HQ + h).to(tl.int64) * N + i, mask=rows_ok, other=float("inf"))
+        delta = tl.load(DELTA + (b * HQ + h).to(tl.int64) * N + i, mask=rows_ok, other=0.0)
+        lse2 = lse * 1.4426950408889634
+        qk_scale = sm_scale * 1.4426950408889634
+        dq = tl.zeros((BM, D), tl.float32)
+        count = tl.load(CNT + row * NQB + m)
+        list_base = (row * NQB + m) * CAP
+        if HAS_T:
+            t_row = ((b % T_BATCH) * (HQ // T_HEADS_DIV) + h // T_HEADS_DIV).to(tl.int64) * N
+        for start in range(0, count, BN):
+            c = start + tl.arange(0, BN)
+            in_list = c < count
+            j = tl.load(LIST + list_base + c, mask=in_list, other=0)
+            j64 = j.to(tl.int64)
+            k = tl.load(K + kv_base + j64[:, None] * D + d[None, :], mask=in_list[:, None], other=0.0)
+            v = tl.load(V + kv_base + j64[:, None] * D + d[None, :], mask=in_list[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            if HAS_T:
+                s += tl.load(T + t_row + j, mask=in_list, other=0.0)[None, :] * 1.4426950408889634
+            e = tl.load(E + row * N + j, mask=in_list, other=0)
+            keep = in_list[None, :] & (j[None, :] <= i[:, None]) & (i[:, None] < e[None, :])
+            p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v))
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k)
+            dk = tl.dot(tl.trans(ds.to(q.dtype)), q) * sm_scale
+            dv = tl.dot(tl.trans(p.to(do.dtype)), do)
+            ptrs = kv_base + j64[:, None] * D + d[None, :]
+            tl.atomic_add(DK + ptrs, dk, mask=in_list[:, None], sem="relaxed")
+            tl.atomic_add(DV + ptrs, dv, mask=in_list[:, None], sem="relaxed")
+            if T_GRAD:
+                tl.atomic_add(DT + t_row + j, tl.sum(ds, 0), mask=in_list, sem="relaxed")
+        tl.store(DQ + q_base + i[:, None] * D + d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=rows_ok[:, None])
+
+
+def _launch_args(q, k, ends, t):
+    B, Hq, N, D = q.shape
+    Hkv, Hs = k.shape[1], ends.shape[1]
+    t_batch, t_heads = (t.shape[0], t.shape[1]) if t is not None else (1, 1)
+    return dict(HQ=Hq, G=Hq // Hkv, HS_DIV=Hq // Hs, T_HEADS_DIV=Hq // t_heads, T_BATCH=t_batch, D=D)
+
+
+class _TokenGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, t, ends, lists, counts, scale, block_m, block_n):
+        B, Hq, N, D = q.shape
+        o = torch.empty_like(q)
+        lse = torch.empty(B, Hq, N, device=q.device, dtype=torch.float32)
+        grid = (counts.shape[-1], B * Hq)
+        t_arg = t.contiguous() if t is not None else lse  # a placeholder pointer without a bias
+        _fwd[grid](
+            q, k, v, t_arg, ends, lists, counts, o, lse, scale, N, lists.shape[-1], counts.shape[-1],
+            HAS_T=t is not None, BM=block_m, BN=block_n, **_launch_args(q, k, ends, t),
+        )  # fmt: skip
+        ctx.save_for_backward(q, k, v, t_arg, ends, lists, counts, o, lse)
+        ctx.has_t, ctx.scale, ctx.blocks = t is not None, scale, (block_m, block_n)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, t_arg, ends, lists, counts, o, lse = ctx.saved_tensors
+        t = t_arg if ctx.has_t else None
+        B, Hq, N, D = q.shape
+        do = do.contiguous()
+        delta = (do.float() * o.float()).sum(-1)
+        dq = torch.empty_like(q)
+        dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
+        dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
+        t_grad = t is not None and ctx.needs_input_grad[3]
+        dt = torch.zeros(t.shape, device=t.device, dtype=torch.float32) if t_grad else lse
+        block_m, block_n = ctx.blocks
+        grid = (counts.shape[-1], B * Hq)
+        _bwd[grid](
+            q, k, v, t_arg, ends, lists, counts, do, lse, delta, dq, dk, dv, dt,
+            ctx.scale, N, lists.shape[-1], counts.shape[-1],
+            HAS_T=t is not None, T_GRAD=t_grad, BM=block_m, BN=block_n, **_launch_args(q, k, ends, t),
+        )  # fmt: skip
+        dt_out = dt.to(t.dtype) if t_grad else None
+        return dq, dk.to(k.dtype), dv.to(v.dtype), dt_out, None, None, None, None, None, None
+
+
+def token_gather_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ends: torch.Tensor,
+    keep: int,
+    bias: torch.Tensor | None = None,
+    scale: float | None = None,
+    block_m: int = 64,
+    block_n: int = 64,
+) -> torch.Tensor:
+    """Attention under the interval rule ``j <= i < ends[j]`` (token top-k) with an optional per-key
+    bias, reading each query block's kept keys in place.
+
+    Args:
+        q: ``[B, Hq, N, D]``; k, v: ``[B, Hkv, N, D]`` (GQA: ``Hkv`` divides ``Hq``); D a power of two.
+        ends: ``[B, Hs, N]`` int32 interval ends of the selection heads (``Hs`` divides ``Hq``).
+        keep: keys each query keeps at most (the top-k's ``k``): bounds the lists.
+        bias: ``[B|1, Ht, N]`` per-key bias added to the scores (``Ht`` divides ``Hq``), or ``None``;
+            it gets a gradient.
+        scale: score scale (default ``1/sqrt(D)``).
+
+    Returns:
+        ``[B, Hq, N, D]``; rows that keep no key are zeros.
+
+    Example:
+        >>> out = token_gather_attention(q, k, v, topk_ends(scores, None, 2048), 2048, bias=scores)
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    ends = ends.contiguous()
+    b, hs, n = ends.shape
+    nqb = -(-n // block_m)
+    cap = min(keep + block_m, n)  # a block keeps at most keep + block_m - 1 keys
+    lists = torch.empty(b * hs, nqb, cap, device=ends.device, dtype=torch.int32)
+    counts = torch.empty(b * hs, nqb, device=ends.device, dtype=torch.int32)
+    _lists[(nqb, b * hs)](ends, lists, counts, n, cap, nqb, BM=block_m, CHUNK=1024)
+    q, k, v, ends = (x.contiguous() for x in (q, k, v, ends))
+    return _TokenGather.apply(q, k, v, bias, ends, lists, counts, scale, block_m, block_n)
