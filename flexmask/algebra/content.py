@@ -192,6 +192,10 @@ class TopK(_ContentMask):
         """(Offers.TOKEN_LAYOUT) its key layout for ``low.layout`` (self-attention, KV heads known)."""
         return token_layout(self.scores, self.k, low.layout, graphed)
 
+    def _token_ends(self, low: Lowering) -> torch.Tensor:
+        """(Offers.TOKEN_LAYOUT) the interval ends of its selection: :meth:`interval_ends`."""
+        return self.interval_ends(low)
+
     def _decode_gather(self, low: Lowering) -> Gathered:
         """(Offers.GATHER_DECODE) the ``min(k, L)`` keys the last query keeps (see :mod:`flexmask.lowering.decode`)."""
         return decode.topk_candidates(self.scores, self.k, low.layout, self._ids, self._lengths)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..lowering.plan import Plan
-from . import flex, gather, key_bias, reference, token_layout
+from . import flex, gather, key_bias, reference, token_gather, token_layout
 
 
 def run(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -26,6 +26,8 @@ def run(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
         return gather.run(plan, q, k, v)
     if plan.kind == "token_layout":
         return token_layout.run(plan, q, k, v)
+    if plan.kind == "token_gather":
+        return token_gather.run(plan, q, k, v)
     if plan.kind == "key_bias":
         return key_bias.run(plan, q, k, v)
     return flex.run(plan, q, k, v)

@@ -14,7 +14,7 @@ from .decode import Gathered
 from .layout import Layout, ModFn
 from .token_layout import TokenLayout
 
-Kind = Literal["reference", "flex", "key_bias", "token_layout", "gather"]
+Kind = Literal["reference", "flex", "key_bias", "token_layout", "token_gather", "gather"]
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,8 @@ class Plan:
     Attributes:
         kind: which backend runs it: ``"reference"`` (exact chunked PyTorch), ``"flex"`` (compiled
             FlexAttention), ``"key_bias"`` (flex with a per-key bias whose gradient is computed
-            without atomics), ``"token_layout"`` (flex over the key layout of a lone ``fm.topk``) or
+            without atomics), ``"token_layout"`` (flex over the key layout of a lone ``fm.topk``),
+            ``"token_gather"`` (a lone ``fm.topk`` read in place by a Triton kernel) or
             ``"gather"`` (one decoding query attends to the keys its content selection gathered).
         layout: the call's shapes and device.
         options: the options in effect.
@@ -35,6 +36,8 @@ class Plan:
         key_bias: the per-key bias tensor ``[B|1, Hs, KV]`` (``key_bias``; ``token_layout`` when the
             call has one), else ``None``.
         token: the key layout (``token_layout``).
+        token_ends: ``(ends, k)``: the interval ends ``[B, Hs, KV]`` int32 of a lone ``fm.topk`` and
+            its ``k`` (``token_gather``).
         gathered: the key positions a decoding query may keep (``gather``).
         causal_partial: every partial block of ``block_mask`` is causal inside (kernels may apply
             ``j <= i`` there instead of the ``mask_mod``).
@@ -51,6 +54,7 @@ class Plan:
     block_mask: BlockMask | None = None
     key_bias: torch.Tensor | None = None
     token: TokenLayout | None = None
+    token_ends: tuple[torch.Tensor, int] | None = None
     gathered: Gathered | None = None
     causal_partial: bool = False
     describe: Callable[[], str] = str

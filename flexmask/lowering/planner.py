@@ -67,6 +67,9 @@ def lower(mask: Any, bias: Any, *, layout: Layout, options: Resolved, scale: flo
         if scores_shape[1] in (1, layout.kv_heads) and (
             bias is None or (t is not None and t.shape[1:] == scores_shape[1:])
         ):
+            if options.token_kernel == "gather" and layout.device.type == "cuda":
+                ends = lowered((mask,), ("token_ends", layout), lambda: mask._token_ends(low), enabled=options.cache)
+                return Plan("token_gather", token_ends=(ends, mask.k), key_bias=t, **common)
             graphed = options.graphed_build and layout.device.type == "cuda"
             token = lowered(
                 (mask,),

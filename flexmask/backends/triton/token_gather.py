@@ -177,7 +177,8 @@ if triton is not None:
             tl.atomic_add(DV + ptrs, dv, mask=in_list[:, None], sem="relaxed")
             if T_GRAD:
                 tl.atomic_add(DT + t_row + j, tl.sum(ds, 0), mask=in_list, sem="relaxed")
-        tl.store(DQ + q_base + i[:, None] * D + d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=rows_ok[:, None])
+        dq = (dq * sm_scale).to(DQ.dtype.element_ty)
+        tl.store(DQ + q_base + i[:, None] * D + d[None, :], dq, mask=rows_ok[:, None])
 
 
 def _launch_args(q, k, ends, t):

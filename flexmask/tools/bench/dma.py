@@ -56,9 +56,12 @@ from .options import (
 )
 from .report import Column, Report, Row, fmt, number, percent, ratio
 
-VARIANTS = ("sdpa", "flex-causal", "flex-window", "token", "block")  # table order
-RUN_ORDER = ("sdpa", "token", "block", "flex-window", "flex-causal")  # SDPA first: the speedups' reference
-DMA_VARIANTS = ("token", "block")
+VARIANTS = ("sdpa", "flex-causal", "flex-window", "token", "token-gather", "block")  # table order
+# SDPA first: the speedups' reference
+RUN_ORDER = ("sdpa", "token", "token-gather", "block", "flex-window", "flex-causal")
+DMA_VARIANTS = ("token", "token-gather", "block")
+#: per-call options of a variant (experimental kernels)
+VARIANT_OPTIONS = {"token-gather": {"token_kernel": "gather"}}
 SCORES = ("random", "clustered")
 
 #: ``--quick``: fewer sizes, no paper configuration.
@@ -101,6 +104,7 @@ VARIANT_TITLES = {
     "flex-causal": "flex causal",
     "flex-window": "flex sliding window {w}",
     "token": "DMA token top-k {w}",
+    "token-gather": "DMA token top-k {w}, in-place kernel",
     "block": "DMA block top-k {kb}×{bs}",
 }
 
@@ -111,8 +115,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--variants",
         type=csv_choices(VARIANTS),
-        default=list(VARIANTS),
-        help=f"subset of {','.join(VARIANTS)} (default all; sdpa is the speedup reference)",
+        default=[v for v in VARIANTS if v not in VARIANT_OPTIONS],
+        help=f"subset of {','.join(VARIANTS)} (default all but the experimental {','.join(VARIANT_OPTIONS)}; "
+        "sdpa is the speedup reference)",
     )
     p.add_argument("--scores", type=csv_choices(SCORES), default=list(SCORES), help="random,clustered (default both)")
     p.add_argument(
@@ -140,11 +145,11 @@ def dma_selection(variant: str, window: int, block_size: int = 128) -> Callable:
     """``scores -> mask`` of a DMA variant, as every benchmark names it: ``"token"``
     (``fm.topk(scores, window)``) or ``"block"`` (``fm.topk_blocks`` of ``window // block_size``
     blocks); :class:`Skip` for a flexmask without it."""
-    name = "topk" if variant == "token" else "topk_blocks"
+    name = "topk_blocks" if variant == "block" else "topk"
     fn = getattr(fm, name, None)
     if fn is None:
         raise Skip(f"unavailable: this flexmask has no fm.{name} (flexmask/dma.py)")
-    if variant == "token":
+    if variant in ("token", "token-gather"):
         return lambda s: fn(s, window)
     k_blocks = max(1, window // block_size)
     return lambda s: fn(s, k_blocks, block_size=block_size)
@@ -198,8 +203,10 @@ def _dma_row(env: Env, args, inputs, n: int, hq: int, hkv: int, variant: str, sc
         mask, bias = make_mask(s), fm.key_bias(s)
         layout = _internals.make_layout(1, hq, n, n, dev, hkv)
 
+        options = VARIANT_OPTIONS.get(variant, {})
+
         def fwd():
-            return fm.attention(q, k, v, mask=mask, bias=bias)
+            return fm.attention(q, k, v, mask=mask, bias=bias, options=options)
 
         def build():  # what fm.attention builds for a fresh mask: the token layout, or the BlockMask
             return _internals.fresh_mask_build(make_mask(s), fm.key_bias(s), layout)
@@ -207,7 +214,7 @@ def _dma_row(env: Env, args, inputs, n: int, hq: int, hkv: int, variant: str, sc
         extras["build"] = build
         # new scores every step: the cache (keyed by the scores' tensor and version) must not serve it
         extras["step"] = lambda: grad(
-            fm.attention(q, k, v, mask=make_mask(s), bias=fm.key_bias(s), options={"cache": False}),
+            fm.attention(q, k, v, mask=make_mask(s), bias=fm.key_bias(s), options={**options, "cache": False}),
             (q, k, v, s),
             grad_out,
         )

@@ -1,0 +1,36 @@
+"""The in-place token top-k kernel on a CUDA GPU (``options={"token_kernel": "gather"}``): bf16
+output and every gradient against float64, and the same as the default key-layout path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flexmask as fm
+from flexmask.lowering.selection import key_candidates, topk_ends
+
+from ._reference import rel_err
+from .test_token_gather import dense
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,N,w", [(1, 16, 8, 2000, 256), (2, 4, 2, 1531, 300), (1, 2, 1, 4099, 2048)])
+def test_token_gather_matches_float64_on_gpu(B, Hq, Hkv, N, w):
+    g = torch.Generator().manual_seed(N)
+    D = 128
+    q, k, v = (torch.randn(B, h, N, D, generator=g).cuda().bfloat16().requires_grad_() for h in (Hq, Hkv, Hkv))
+    s = torch.randn(B, Hkv, N, generator=g).cuda().requires_grad_()
+    gather = {"token_kernel": "gather", "cache": False}
+    out = fm.attention(q, k, v, mask=fm.topk(s, w), bias=fm.key_bias(s), options=gather)
+    e = topk_ends(key_candidates(s.detach(), (B, s.device))[0], None, w)
+    ref = dense(q.cpu(), k.cpu(), v.cpu(), e.cpu(), s.detach().cpu(), D**-0.5)
+    assert rel_err(out.double().cpu(), ref) < 2e-2
+    go = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, s), go)
+    qd, kd, vd, sd = (x.detach().double().cpu().requires_grad_() for x in (q, k, v, s))
+    want = torch.autograd.grad(dense(qd, kd, vd, e.cpu(), sd, D**-0.5), (qd, kd, vd, sd), go.double().cpu())
+    for a, b, name in zip(got, want, "qkvs", strict=True):
+        assert rel_err(a.double().cpu(), b) < 3e-2, name
+    default = fm.attention(q, k, v, mask=fm.topk(s, w), bias=fm.key_bias(s), options={"cache": False})
+    assert rel_err(out.double(), default.double()) < 2e-2

@@ -1,0 +1,98 @@
+"""The in-place token top-k kernels (``options={"token_kernel": "gather"}``, experimental) without a
+GPU: exactness in Triton's interpreter (run with ``TRITON_INTERPRET=1``), compilation for sm_90."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from flexmask.backends.triton import token_gather as tg
+from flexmask.lowering.selection import topk_ends
+
+interpreted = pytest.mark.skipif(
+    tg.triton is None or os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton and TRITON_INTERPRET=1"
+)
+CASES = [(1, 2, 1, 1, 70, 16), (2, 4, 2, 2, 131, 40), (1, 4, 2, 4, 97, 100), (2, 2, 2, 1, 150, 7)]
+
+
+def dense(q, k, v, ends, t, scale):
+    """float64 attention under ``j <= i < ends[j]`` with a per-key bias ``t``."""
+    B, Hq, N, D = q.shape
+    G, Hs = Hq // k.shape[1], ends.shape[1]
+    kk, vv = k.double().repeat_interleave(G, 1), v.double().repeat_interleave(G, 1)
+    s = q.double() @ kk.transpose(-1, -2) * scale
+    if t is not None:
+        s = s + t.double().expand(B, -1, -1).repeat_interleave(Hq // t.shape[1], 1)[:, :, None, :]
+    e = ends.long().repeat_interleave(Hq // Hs, 1)[:, :, None, :]
+    i, j = torch.arange(N).view(-1, 1), torch.arange(N).view(1, -1)
+    s = s.masked_fill(~((j <= i) & (i < e)), float("-inf"))
+    return torch.softmax(s, -1).nan_to_num(0.0) @ vv
+
+
+@interpreted
+@pytest.mark.parametrize("B,Hq,Hkv,Hs,N,w", CASES)
+def test_matches_float64(B, Hq, Hkv, Hs, N, w):
+    g = torch.Generator().manual_seed(N + w)
+    D = 16
+    q = torch.randn(B, Hq, N, D, generator=g, requires_grad=True)
+    k = torch.randn(B, Hkv, N, D, generator=g, requires_grad=True)
+    v = torch.randn(B, Hkv, N, D, generator=g, requires_grad=True)
+    scores = torch.randint(0, 4, (B, Hs, N), generator=g).float()  # ties
+    ends = topk_ends(scores, None, w)
+    _, counts = tg.kept_lists(ends, 16)
+    assert int(counts.max()) <= w + 16 - 1
+    t = torch.randn(B, Hs, N, generator=g, requires_grad=True)
+    out = tg.token_gather_attention(q, k, v, ends, w, bias=t, block_m=16, block_n=16)
+    ref = dense(q, k, v, ends, t, 1 / math.sqrt(D))
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    go = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, t), go)
+    want = torch.autograd.grad(ref, (q, k, v, t), go.double())
+    for a, b, name in zip(got, want, "qkvt", strict=True):
+        err = (a.double() - b).abs().max().item()
+        assert err < 1e-4 * (1 + b.abs().max().item()), (name, err)
+
+
+@interpreted
+def test_lists_kernel_equals_reference():
+    g = torch.Generator().manual_seed(1)
+    ends = topk_ends(torch.randn(2, 3, 300, generator=g), None, 37).contiguous()
+    lists, counts = tg.kept_lists(ends, 32)
+    b, hs, n = ends.shape
+    nqb, cap = -(-n // 32), 37 + 32
+    got_lists = torch.full((b * hs, nqb, cap), -1, dtype=torch.int32)
+    got_counts = torch.empty(b * hs, nqb, dtype=torch.int32)
+    tg._lists[(nqb, b * hs)](ends, got_lists, got_counts, n, cap, nqb, BM=32, CHUNK=64)
+    assert torch.equal(got_counts, counts)
+    for r in range(b * hs):
+        for m in range(nqb):
+            c = int(counts[r, m])
+            assert torch.equal(got_lists[r, m, :c], lists[r, m, :c])
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="interpreted kernels are not compiled")
+@pytest.mark.parametrize("bias", [True, False])
+def test_kernels_compile_for_a_gpu(bias):
+    """The interpreter accepts programs the compiler refuses: compile each kernel for sm_90."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ints = dict.fromkeys(("E", "LIST", "CNT"), "*i32")
+    halves = dict.fromkeys(("Q", "K", "V"), "*bf16")
+    floats = dict.fromkeys(("LSE", "DELTA", "DK", "DV", "DT"), "*fp32")
+    sizes = {"sm_scale": "fp32", "N": "i32", "CAP": "i32", "NQB": "i32"}
+    c = dict(HQ=16, G=2, HS_DIV=2, T_HEADS_DIV=2, T_BATCH=1, HAS_T=bias, D=128, BM=64, BN=64)
+    fwd = {**halves, "T": "*fp32", **ints, "O": "*bf16", "LSE": "*fp32", **sizes}
+    bwd = {**halves, "T": "*fp32", **ints, "DO": "*bf16", "LSE": "*fp32", "DELTA": "*fp32", "DQ": "*bf16"}
+    bwd = {**bwd, **{name: floats[name] for name in ("DK", "DV", "DT")}, **sizes}
+    lists = {**ints, "N": "i32", "CAP": "i32", "NQB": "i32"}
+    kernels = [(tg._lists, lists, {"BM": 64, "CHUNK": 1024}), (tg._fwd, fwd, c), (tg._bwd, bwd, {**c, "T_GRAD": bias})]
+    for kernel, signature, constexprs in kernels:
+        signature = {**signature, **dict.fromkeys(constexprs, "constexpr")}
+        signature = {name: signature[name] for name in kernel.arg_names}  # in the kernel's order
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32))
+        assert compiled.asm["cubin"]
