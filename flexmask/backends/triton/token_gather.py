@@ -102,8 +102,9 @@ if triton is not None:
             c = start + tl.arange(0, BN)
             in_list = c < count
             j = tl.load(LIST + list_base + c, mask=in_list, other=0)
-            kt = tl.load(K + kv_base + j[None, :].to(tl.int64) * D + d[:, None], mask=in_list[None, :], other=0.0)
-            s = tl.dot(q, kt) * qk_scale
+            rows = kv_base + j[:, None].to(tl.int64) * D + d[None, :]  # the kept keys' rows, gathered
+            k = tl.load(K + rows, mask=in_list[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale
             if HAS_T:
                 s += tl.load(T + t_row + j, mask=in_list, other=0.0)[None, :] * 1.4426950408889634
             e = tl.load(E + row * N + j, mask=in_list, other=0)
@@ -114,7 +115,7 @@ if triton is not None:
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + kv_base + j[:, None].to(tl.int64) * D + d[None, :], mask=in_list[:, None], other=0.0)
+            v = tl.load(V + rows, mask=in_list[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         alive = l_i > 0
