@@ -85,7 +85,7 @@ def test_kernels_compile_for_a_gpu(bias):
     halves = dict.fromkeys(("Q", "K", "V"), "*bf16")
     floats = dict.fromkeys(("LSE", "DELTA", "DK", "DV", "DT"), "*fp32")
     sizes = {"sm_scale": "fp32", "N": "i32", "CAP": "i32", "NQB": "i32"}
-    c = dict(HQ=16, G=2, HS_DIV=2, T_HEADS_DIV=2, T_BATCH=1, HAS_T=bias, D=128, BM=64, BN=64)
+    c = dict(HQ=16, G=2, HS_DIV=2, T_HEADS_DIV=2, T_BATCH=1, HAS_T=bias, STACK=2, D=128, BM=64, BN=64)
     fwd = {**halves, "T": "*fp32", **ints, "O": "*bf16", "LSE": "*fp32", **sizes}
     bwd = {**halves, "T": "*fp32", **ints, "DO": "*bf16", "LSE": "*fp32", "DELTA": "*fp32", "DQ": "*bf16"}
     bwd = {**bwd, **{name: floats[name] for name in ("DK", "DV", "DT")}, **sizes}
@@ -96,3 +96,12 @@ def test_kernels_compile_for_a_gpu(bias):
         signature = {name: signature[name] for name in kernel.arg_names}  # in the kernel's order
         compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32))
         assert compiled.asm["cubin"]
+
+
+def test_a_gqa_group_is_stacked_when_it_shares_selection_and_bias():
+    q, k = torch.empty(1, 16, 8, 16), torch.empty(1, 8, 8, 16)
+    shared = torch.empty(1, 8, 8, dtype=torch.int32)
+    assert tg._launch_args(q, k, shared, torch.empty(1, 8, 8))["STACK"] == 2
+    assert tg._launch_args(q, k, shared, None)["STACK"] == 2
+    assert tg._launch_args(q, k, torch.empty(1, 16, 8, dtype=torch.int32), None)["STACK"] == 1  # per query head
+    assert tg._launch_args(q, k, shared, torch.empty(1, 16, 8))["STACK"] == 1  # a bias per query head

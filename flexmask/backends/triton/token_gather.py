@@ -71,33 +71,51 @@ if triton is not None:
         tl.store(CNT + row * NQB + m, tl.minimum(base, CAP))
 
     @triton.jit
+    def _rows(
+        m, bh, N,
+        HQ: tl.constexpr, G: tl.constexpr, HS_DIV: tl.constexpr, T_HEADS_DIV: tl.constexpr, T_BATCH: tl.constexpr,
+        STACK: tl.constexpr, BM: tl.constexpr,
+    ):  # fmt: skip
+        """The program's ``STACK · BM`` query rows: ``STACK`` heads of one KV group (sharing their
+        selection and bias heads) times ``BM`` queries. Returns the batch, KV head, selection row
+        (of ``E``/``LIST``), bias row offset, and per query row its head and position."""
+        if STACK > 1:
+            b = bh // (HQ // G)
+            hkv = bh % (HQ // G)
+            first = hkv * G
+        else:
+            b = bh // HQ
+            first = bh % HQ
+            hkv = first // G
+        r = tl.arange(0, STACK * BM)
+        heads = first + r // BM
+        i = m * BM + r % BM
+        row = (b * (HQ // HS_DIV) + first // HS_DIV).to(tl.int64)
+        t_row = ((b % T_BATCH) * (HQ // T_HEADS_DIV) + first // T_HEADS_DIV).to(tl.int64) * N
+        return b, hkv, row, t_row, heads, i
+
+    @triton.jit
     def _fwd(
         Q, K, V, T, E, LIST, CNT, O, LSE,
         sm_scale, N, CAP, NQB,
         HQ: tl.constexpr, G: tl.constexpr, HS_DIV: tl.constexpr, T_HEADS_DIV: tl.constexpr, T_BATCH: tl.constexpr,
-        HAS_T: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+        HAS_T: tl.constexpr, STACK: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     ):  # fmt: skip
         m = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // HQ
-        h = bh % HQ
-        hkv = h // G
-        hs = h // HS_DIV  # selection head
-        nhs = HQ // HS_DIV
-        row = (b * nhs + hs).to(tl.int64)
-        i = m * BM + tl.arange(0, BM)
+        b, hkv, row, t_row, heads, i = _rows(
+            m, tl.program_id(1), N, HQ, G, HS_DIV, T_HEADS_DIV, T_BATCH, STACK, BM
+        )  # fmt: skip
         d = tl.arange(0, D)
-        q_base = ((b * HQ + h).to(tl.int64) * N) * D
+        q_rows = ((b * HQ + heads).to(tl.int64) * N + i) * D  # [STACK·BM]
         kv_base = ((b * (HQ // G) + hkv).to(tl.int64) * N) * D
-        q = tl.load(Q + q_base + i[:, None] * D + d[None, :], mask=i[:, None] < N, other=0.0)
+        live = i < N
+        q = tl.load(Q + q_rows[:, None] + d[None, :], mask=live[:, None], other=0.0)
         qk_scale = sm_scale * 1.4426950408889634
-        m_i = tl.full((BM,), float("-inf"), tl.float32)
-        l_i = tl.zeros((BM,), tl.float32)
-        acc = tl.zeros((BM, D), tl.float32)
+        m_i = tl.full((STACK * BM,), float("-inf"), tl.float32)
+        l_i = tl.zeros((STACK * BM,), tl.float32)
+        acc = tl.zeros((STACK * BM, D), tl.float32)
         count = tl.load(CNT + row * NQB + m)
         list_base = (row * NQB + m) * CAP
-        if HAS_T:
-            t_row = ((b % T_BATCH) * (HQ // T_HEADS_DIV) + h // T_HEADS_DIV).to(tl.int64) * N
         for start in range(0, count, BN):
             c = start + tl.arange(0, BN)
             in_list = c < count
@@ -120,48 +138,43 @@ if triton is not None:
             m_i = m_new
         alive = l_i > 0
         out = acc / tl.where(alive, l_i, 1.0)[:, None]
-        tl.store(O + q_base + i[:, None] * D + d[None, :], out.to(O.dtype.element_ty), mask=i[:, None] < N)
+        tl.store(O + q_rows[:, None] + d[None, :], out.to(O.dtype.element_ty), mask=live[:, None])
         lse = tl.where(alive, (m_i + tl.log2(tl.where(alive, l_i, 1.0))) / 1.4426950408889634, float("inf"))
-        tl.store(LSE + (b * HQ + h).to(tl.int64) * N + i, lse, mask=i < N)
+        tl.store(LSE + (b * HQ + heads).to(tl.int64) * N + i, lse, mask=live)
 
     @triton.jit
     def _bwd(
         Q, K, V, T, E, LIST, CNT, DO, LSE, DELTA, DQ, DK, DV, DT,
         sm_scale, N, CAP, NQB,
         HQ: tl.constexpr, G: tl.constexpr, HS_DIV: tl.constexpr, T_HEADS_DIV: tl.constexpr, T_BATCH: tl.constexpr,
-        HAS_T: tl.constexpr, T_GRAD: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+        HAS_T: tl.constexpr, T_GRAD: tl.constexpr, STACK: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
+        BN: tl.constexpr,
     ):  # fmt: skip
         m = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // HQ
-        h = bh % HQ
-        hkv = h // G
-        hs = h // HS_DIV
-        nhs = HQ // HS_DIV
-        row = (b * nhs + hs).to(tl.int64)
-        i = m * BM + tl.arange(0, BM)
+        b, hkv, row, t_row, heads, i = _rows(
+            m, tl.program_id(1), N, HQ, G, HS_DIV, T_HEADS_DIV, T_BATCH, STACK, BM
+        )  # fmt: skip
         d = tl.arange(0, D)
-        q_base = ((b * HQ + h).to(tl.int64) * N) * D
+        q_rows = ((b * HQ + heads).to(tl.int64) * N + i) * D
         kv_base = ((b * (HQ // G) + hkv).to(tl.int64) * N) * D
-        rows_ok = i < N
-        q = tl.load(Q + q_base + i[:, None] * D + d[None, :], mask=rows_ok[:, None], other=0.0)
-        do = tl.load(DO + q_base + i[:, None] * D + d[None, :], mask=rows_ok[:, None], other=0.0)
-        lse = tl.load(LSE + (b * HQ + h).to(tl.int64) * N + i, mask=rows_ok, other=float("inf"))
-        delta = tl.load(DELTA + (b * HQ + h).to(tl.int64) * N + i, mask=rows_ok, other=0.0)
+        live = i < N
+        q = tl.load(Q + q_rows[:, None] + d[None, :], mask=live[:, None], other=0.0)
+        do = tl.load(DO + q_rows[:, None] + d[None, :], mask=live[:, None], other=0.0)
+        stats = (b * HQ + heads).to(tl.int64) * N + i
+        lse = tl.load(LSE + stats, mask=live, other=float("inf"))
+        delta = tl.load(DELTA + stats, mask=live, other=0.0)
         lse2 = lse * 1.4426950408889634
         qk_scale = sm_scale * 1.4426950408889634
-        dq = tl.zeros((BM, D), tl.float32)
+        dq = tl.zeros((STACK * BM, D), tl.float32)
         count = tl.load(CNT + row * NQB + m)
         list_base = (row * NQB + m) * CAP
-        if HAS_T:
-            t_row = ((b % T_BATCH) * (HQ // T_HEADS_DIV) + h // T_HEADS_DIV).to(tl.int64) * N
         for start in range(0, count, BN):
             c = start + tl.arange(0, BN)
             in_list = c < count
             j = tl.load(LIST + list_base + c, mask=in_list, other=0)
-            j64 = j.to(tl.int64)
-            k = tl.load(K + kv_base + j64[:, None] * D + d[None, :], mask=in_list[:, None], other=0.0)
-            v = tl.load(V + kv_base + j64[:, None] * D + d[None, :], mask=in_list[:, None], other=0.0)
+            rows = kv_base + j[:, None].to(tl.int64) * D + d[None, :]
+            k = tl.load(K + rows, mask=in_list[:, None], other=0.0)
+            v = tl.load(V + rows, mask=in_list[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k)) * qk_scale
             if HAS_T:
                 s += tl.load(T + t_row + j, mask=in_list, other=0.0)[None, :] * 1.4426950408889634
@@ -171,22 +184,25 @@ if triton is not None:
             dp = tl.dot(do, tl.trans(v))
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k)
-            dk = tl.dot(tl.trans(ds.to(q.dtype)), q) * sm_scale
+            dk = tl.dot(tl.trans(ds.to(q.dtype)), q) * sm_scale  # the stacked heads summed: one atomic each
             dv = tl.dot(tl.trans(p.to(do.dtype)), do)
-            ptrs = kv_base + j64[:, None] * D + d[None, :]
-            tl.atomic_add(DK + ptrs, dk, mask=in_list[:, None], sem="relaxed")
-            tl.atomic_add(DV + ptrs, dv, mask=in_list[:, None], sem="relaxed")
+            tl.atomic_add(DK + rows, dk, mask=in_list[:, None], sem="relaxed")
+            tl.atomic_add(DV + rows, dv, mask=in_list[:, None], sem="relaxed")
             if T_GRAD:
                 tl.atomic_add(DT + t_row + j, tl.sum(ds, 0), mask=in_list, sem="relaxed")
         dq = (dq * sm_scale).to(DQ.dtype.element_ty)
-        tl.store(DQ + q_base + i[:, None] * D + d[None, :], dq, mask=rows_ok[:, None])
+        tl.store(DQ + q_rows[:, None] + d[None, :], dq, mask=live[:, None])
 
 
 def _launch_args(q, k, ends, t):
+    """The kernels' head arithmetic, and how many query heads one program stacks: the whole GQA
+    group when its heads share one selection head and one bias head (DMA's usual layout)."""
     B, Hq, N, D = q.shape
     Hkv, Hs = k.shape[1], ends.shape[1]
-    t_batch, t_heads = (t.shape[0], t.shape[1]) if t is not None else (1, 1)
-    return dict(HQ=Hq, G=Hq // Hkv, HS_DIV=Hq // Hs, T_HEADS_DIV=Hq // t_heads, T_BATCH=t_batch, D=D)
+    t_batch, t_heads = (t.shape[0], t.shape[1]) if t is not None else (1, Hs)
+    g, hs_div, t_div = Hq // Hkv, Hq // Hs, Hq // t_heads
+    stack = g if hs_div % g == 0 and t_div % g == 0 else 1
+    return dict(HQ=Hq, G=g, HS_DIV=hs_div, T_HEADS_DIV=t_div, T_BATCH=t_batch, STACK=stack, D=D)
 
 
 class _TokenGather(torch.autograd.Function):
@@ -195,11 +211,12 @@ class _TokenGather(torch.autograd.Function):
         B, Hq, N, D = q.shape
         o = torch.empty_like(q)
         lse = torch.empty(B, Hq, N, device=q.device, dtype=torch.float32)
-        grid = (counts.shape[-1], B * Hq)
+        heads = _launch_args(q, k, ends, t)
+        grid = (counts.shape[-1], B * Hq // heads["STACK"])
         t_arg = t.contiguous() if t is not None else lse  # a placeholder pointer without a bias
         _fwd[grid](
             q, k, v, t_arg, ends, lists, counts, o, lse, scale, N, lists.shape[-1], counts.shape[-1],
-            HAS_T=t is not None, BM=block_m, BN=block_n, **_launch_args(q, k, ends, t),
+            HAS_T=t is not None, BM=block_m, BN=block_n, **heads,
         )  # fmt: skip
         ctx.save_for_backward(q, k, v, t_arg, ends, lists, counts, o, lse)
         ctx.has_t, ctx.scale, ctx.blocks = t is not None, scale, (block_m, block_n)
@@ -218,11 +235,12 @@ class _TokenGather(torch.autograd.Function):
         t_grad = t is not None and ctx.needs_input_grad[3]
         dt = torch.zeros(t.shape, device=t.device, dtype=torch.float32) if t_grad else lse
         block_m, block_n = ctx.blocks
-        grid = (counts.shape[-1], B * Hq)
+        heads = _launch_args(q, k, ends, t)
+        grid = (counts.shape[-1], B * Hq // heads["STACK"])
         _bwd[grid](
             q, k, v, t_arg, ends, lists, counts, do, lse, delta, dq, dk, dv, dt,
             ctx.scale, N, lists.shape[-1], counts.shape[-1],
-            HAS_T=t is not None, T_GRAD=t_grad, BM=block_m, BN=block_n, **_launch_args(q, k, ends, t),
+            HAS_T=t is not None, T_GRAD=t_grad, BM=block_m, BN=block_n, **heads,
         )  # fmt: skip
         dt_out = dt.to(t.dtype) if t_grad else None
         return dq, dk.to(k.dtype), dv.to(v.dtype), dt_out, None, None, None, None, None, None
