@@ -205,6 +205,11 @@ def _launch_args(q, k, ends, t):
     return dict(HQ=Hq, G=g, HS_DIV=hs_div, T_HEADS_DIV=t_div, T_BATCH=t_batch, STACK=stack, D=D)
 
 
+def _warps(heads: dict, block_m: int) -> int:
+    """8 warps once a program holds 128 × 128 rows × head dims (registers), else 4 (untuned)."""
+    return 8 if heads["STACK"] * block_m * heads["D"] >= 128 * 128 else 4
+
+
 class _TokenGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, t, ends, lists, counts, scale, block_m, block_n):
@@ -216,7 +221,7 @@ class _TokenGather(torch.autograd.Function):
         t_arg = t.contiguous() if t is not None else lse  # a placeholder pointer without a bias
         _fwd[grid](
             q, k, v, t_arg, ends, lists, counts, o, lse, scale, N, lists.shape[-1], counts.shape[-1],
-            HAS_T=t is not None, BM=block_m, BN=block_n, **heads,
+            HAS_T=t is not None, BM=block_m, BN=block_n, num_warps=_warps(heads, block_m), **heads,
         )  # fmt: skip
         ctx.save_for_backward(q, k, v, t_arg, ends, lists, counts, o, lse)
         ctx.has_t, ctx.scale, ctx.blocks = t is not None, scale, (block_m, block_n)
@@ -240,7 +245,7 @@ class _TokenGather(torch.autograd.Function):
         _bwd[grid](
             q, k, v, t_arg, ends, lists, counts, do, lse, delta, dq, dk, dv, dt,
             ctx.scale, N, lists.shape[-1], counts.shape[-1],
-            HAS_T=t is not None, T_GRAD=t_grad, BM=block_m, BN=block_n, **heads,
+            HAS_T=t is not None, T_GRAD=t_grad, BM=block_m, BN=block_n, num_warps=_warps(heads, block_m), **heads,
         )  # fmt: skip
         dt_out = dt.to(t.dtype) if t_grad else None
         return dq, dk.to(k.dtype), dv.to(v.dtype), dt_out, None, None, None, None, None, None
