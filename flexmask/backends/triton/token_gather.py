@@ -95,6 +95,25 @@ if triton is not None:
         return b, hkv, row, t_row, heads, i
 
     @triton.jit
+    def _chunk(
+        q, K, T, E, LIST, list_base, count, start, row, t_row, kv_base, i, N, qk_scale,
+        HAS_T: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
+    ):  # fmt: skip
+        """One chunk of a query block's list: the keys' rows (offsets of ``K``/``V``), their keys, the
+        scores in base 2 (``-inf`` where ``j <= i < e_j`` fails) and which entries are in the list."""
+        c = start + tl.arange(0, BN)
+        in_list = c < count
+        j = tl.load(LIST + list_base + c, mask=in_list, other=0)
+        rows = kv_base + j[:, None].to(tl.int64) * D + tl.arange(0, D)[None, :]  # the kept keys' rows, gathered
+        k = tl.load(K + rows, mask=in_list[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        if HAS_T:
+            s += tl.load(T + t_row + j, mask=in_list, other=0.0)[None, :] * 1.4426950408889634
+        e = tl.load(E + row * N + j, mask=in_list, other=0)
+        keep = in_list[None, :] & (j[None, :] <= i[:, None]) & (i[:, None] < e[None, :])
+        return j, rows, k, tl.where(keep, s, float("-inf")), in_list
+
+    @triton.jit
     def _fwd(
         Q, K, V, T, E, LIST, CNT, O, LSE,
         sm_scale, N, CAP, NQB,
@@ -117,17 +136,9 @@ if triton is not None:
         count = tl.load(CNT + row * NQB + m)
         list_base = (row * NQB + m) * CAP
         for start in range(0, count, BN):
-            c = start + tl.arange(0, BN)
-            in_list = c < count
-            j = tl.load(LIST + list_base + c, mask=in_list, other=0)
-            rows = kv_base + j[:, None].to(tl.int64) * D + d[None, :]  # the kept keys' rows, gathered
-            k = tl.load(K + rows, mask=in_list[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            if HAS_T:
-                s += tl.load(T + t_row + j, mask=in_list, other=0.0)[None, :] * 1.4426950408889634
-            e = tl.load(E + row * N + j, mask=in_list, other=0)
-            keep = in_list[None, :] & (j[None, :] <= i[:, None]) & (i[:, None] < e[None, :])
-            s = tl.where(keep, s, float("-inf"))
+            j, rows, k, s, in_list = _chunk(
+                q, K, T, E, LIST, list_base, count, start, row, t_row, kv_base, i, N, qk_scale, HAS_T, D, BN
+            )  # fmt: skip
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m_i - m_safe)
@@ -169,18 +180,11 @@ if triton is not None:
         count = tl.load(CNT + row * NQB + m)
         list_base = (row * NQB + m) * CAP
         for start in range(0, count, BN):
-            c = start + tl.arange(0, BN)
-            in_list = c < count
-            j = tl.load(LIST + list_base + c, mask=in_list, other=0)
-            rows = kv_base + j[:, None].to(tl.int64) * D + d[None, :]
-            k = tl.load(K + rows, mask=in_list[:, None], other=0.0)
+            j, rows, k, s, in_list = _chunk(
+                q, K, T, E, LIST, list_base, count, start, row, t_row, kv_base, i, N, qk_scale, HAS_T, D, BN
+            )  # fmt: skip
             v = tl.load(V + rows, mask=in_list[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            if HAS_T:
-                s += tl.load(T + t_row + j, mask=in_list, other=0.0)[None, :] * 1.4426950408889634
-            e = tl.load(E + row * N + j, mask=in_list, other=0)
-            keep = in_list[None, :] & (j[None, :] <= i[:, None]) & (i[:, None] < e[None, :])
-            p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
+            p = tl.exp2(s - lse2[:, None])  # 0 where masked (-inf)
             dp = tl.dot(do, tl.trans(v))
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k)
