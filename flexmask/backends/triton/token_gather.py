@@ -72,13 +72,14 @@ if triton is not None:
 
     @triton.jit
     def _rows(
-        m, bh, N,
+        CNT, m, bh, N, CAP, NQB,
         HQ: tl.constexpr, G: tl.constexpr, HS_DIV: tl.constexpr, T_HEADS_DIV: tl.constexpr, T_BATCH: tl.constexpr,
-        STACK: tl.constexpr, BM: tl.constexpr,
+        STACK: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
     ):  # fmt: skip
         """The program's ``STACK · BM`` query rows: ``STACK`` heads of one KV group (sharing their
-        selection and bias heads) times ``BM`` queries. Returns the batch, KV head, selection row
-        (of ``E``/``LIST``), bias row offset, and per query row its head and position."""
+        selection and bias heads) times ``BM`` queries. Returns the selection row (of ``E``/``LIST``),
+        the bias row's offset, per query row its position and offsets, the KV head's offset, and
+        the query block's list (its length and offset)."""
         if STACK > 1:
             b = bh // (HQ // G)
             hkv = bh % (HQ // G)
@@ -92,7 +93,12 @@ if triton is not None:
         i = m * BM + r % BM
         row = (b * (HQ // HS_DIV) + first // HS_DIV).to(tl.int64)
         t_row = ((b % T_BATCH) * (HQ // T_HEADS_DIV) + first // T_HEADS_DIV).to(tl.int64) * N
-        return b, hkv, row, t_row, heads, i
+        q_rows = ((b * HQ + heads).to(tl.int64) * N + i) * D  # offsets of the query rows in Q, O, dO, dQ
+        kv_base = ((b * (HQ // G) + hkv).to(tl.int64) * N) * D
+        stats = (b * HQ + heads).to(tl.int64) * N + i  # offsets in LSE, DELTA
+        count = tl.load(CNT + row * NQB + m)
+        list_base = (row * NQB + m) * CAP
+        return row, t_row, i, q_rows, kv_base, stats, count, list_base
 
     @triton.jit
     def _chunk(
@@ -120,21 +126,16 @@ if triton is not None:
         HQ: tl.constexpr, G: tl.constexpr, HS_DIV: tl.constexpr, T_HEADS_DIV: tl.constexpr, T_BATCH: tl.constexpr,
         HAS_T: tl.constexpr, STACK: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     ):  # fmt: skip
-        m = tl.program_id(0)
-        b, hkv, row, t_row, heads, i = _rows(
-            m, tl.program_id(1), N, HQ, G, HS_DIV, T_HEADS_DIV, T_BATCH, STACK, BM
+        row, t_row, i, q_rows, kv_base, stats, count, list_base = _rows(
+            CNT, tl.program_id(0), tl.program_id(1), N, CAP, NQB, HQ, G, HS_DIV, T_HEADS_DIV, T_BATCH, STACK, D, BM
         )  # fmt: skip
         d = tl.arange(0, D)
-        q_rows = ((b * HQ + heads).to(tl.int64) * N + i) * D  # [STACK·BM]
-        kv_base = ((b * (HQ // G) + hkv).to(tl.int64) * N) * D
         live = i < N
         q = tl.load(Q + q_rows[:, None] + d[None, :], mask=live[:, None], other=0.0)
         qk_scale = sm_scale * 1.4426950408889634
         m_i = tl.full((STACK * BM,), float("-inf"), tl.float32)
         l_i = tl.zeros((STACK * BM,), tl.float32)
         acc = tl.zeros((STACK * BM, D), tl.float32)
-        count = tl.load(CNT + row * NQB + m)
-        list_base = (row * NQB + m) * CAP
         for start in range(0, count, BN):
             j, rows, k, s, in_list = _chunk(
                 q, K, T, E, LIST, list_base, count, start, row, t_row, kv_base, i, N, qk_scale, HAS_T, D, BN
@@ -151,7 +152,7 @@ if triton is not None:
         out = acc / tl.where(alive, l_i, 1.0)[:, None]
         tl.store(O + q_rows[:, None] + d[None, :], out.to(O.dtype.element_ty), mask=live[:, None])
         lse = tl.where(alive, (m_i + tl.log2(tl.where(alive, l_i, 1.0))) / 1.4426950408889634, float("inf"))
-        tl.store(LSE + (b * HQ + heads).to(tl.int64) * N + i, lse, mask=live)
+        tl.store(LSE + stats, lse, mask=live)
 
     @triton.jit
     def _bwd(
@@ -161,24 +162,18 @@ if triton is not None:
         HAS_T: tl.constexpr, T_GRAD: tl.constexpr, STACK: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
         BN: tl.constexpr,
     ):  # fmt: skip
-        m = tl.program_id(0)
-        b, hkv, row, t_row, heads, i = _rows(
-            m, tl.program_id(1), N, HQ, G, HS_DIV, T_HEADS_DIV, T_BATCH, STACK, BM
+        row, t_row, i, q_rows, kv_base, stats, count, list_base = _rows(
+            CNT, tl.program_id(0), tl.program_id(1), N, CAP, NQB, HQ, G, HS_DIV, T_HEADS_DIV, T_BATCH, STACK, D, BM
         )  # fmt: skip
         d = tl.arange(0, D)
-        q_rows = ((b * HQ + heads).to(tl.int64) * N + i) * D
-        kv_base = ((b * (HQ // G) + hkv).to(tl.int64) * N) * D
         live = i < N
         q = tl.load(Q + q_rows[:, None] + d[None, :], mask=live[:, None], other=0.0)
         do = tl.load(DO + q_rows[:, None] + d[None, :], mask=live[:, None], other=0.0)
-        stats = (b * HQ + heads).to(tl.int64) * N + i
         lse = tl.load(LSE + stats, mask=live, other=float("inf"))
         delta = tl.load(DELTA + stats, mask=live, other=0.0)
         lse2 = lse * 1.4426950408889634
         qk_scale = sm_scale * 1.4426950408889634
         dq = tl.zeros((STACK * BM, D), tl.float32)
-        count = tl.load(CNT + row * NQB + m)
-        list_base = (row * NQB + m) * CAP
         for start in range(0, count, BN):
             j, rows, k, s, in_list = _chunk(
                 q, K, T, E, LIST, list_base, count, start, row, t_row, kv_base, i, N, qk_scale, HAS_T, D, BN
