@@ -105,3 +105,30 @@ def test_a_gqa_group_is_stacked_when_it_shares_selection_and_bias():
     assert tg._launch_args(q, k, shared, None)["STACK"] == 2
     assert tg._launch_args(q, k, torch.empty(1, 16, 8, dtype=torch.int32), None)["STACK"] == 1  # per query head
     assert tg._launch_args(q, k, shared, torch.empty(1, 16, 8))["STACK"] == 1  # a bias per query head
+
+
+@interpreted
+def test_custom_ops_trace_under_torch_compile():
+    """The kernels are custom ops with fake implementations: ``opcheck``, and a compiled call
+    (``fullgraph``) gives the eager output and gradients."""
+    g = torch.Generator().manual_seed(5)
+    B, Hq, Hkv, N, D, w = 2, 4, 2, 90, 16, 24
+    q, k, v = (torch.randn(B, h, N, D, generator=g, requires_grad=True) for h in (Hq, Hkv, Hkv))
+    t = torch.randn(B, Hkv, N, generator=g, requires_grad=True)
+    ends = topk_ends(t.detach(), None, w).contiguous()
+    torch.library.opcheck(tg._forward, (q, k, v, t, ends, w, 0.25, 16, 16))
+    out, lse, lists, counts = tg._forward(q, k, v, t, ends, w, 0.25, 16, 16)
+    go = torch.randn_like(out)
+    backward_args = (q, k, v, t, ends, lists, counts, out, lse, go, 0.25, 16, 16, True)
+    torch.library.opcheck(tg._backward, tuple(x.detach() if torch.is_tensor(x) else x for x in backward_args))
+
+    def layer(q, k, v, t):
+        return tg.token_gather_attention(q, k, v, ends, w, bias=t, block_m=16, block_n=16)
+
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    got, want = compiled(q, k, v, t), layer(q, k, v, t)
+    assert torch.equal(got, want)
+    for a, b in zip(
+        torch.autograd.grad(got, (q, k, v, t), go), torch.autograd.grad(want, (q, k, v, t), go), strict=True
+    ):
+        assert torch.equal(a, b)

@@ -12,8 +12,8 @@ Backward, the same programs recompute the probabilities: ``dQ`` stays in registe
 and the bias gradient (``Σ_i dS_ij``, summed over the chunk's queries first: one atomic per key and
 chunk) are added atomically into float32 buffers.
 
-Status: exact against float64 in the Triton interpreter and compiled for sm_90 without a GPU;
-not yet timed on a GPU, and not used by ``fm.attention``.
+The kernels run as two custom ops (``flexmask::token_gather_fwd`` / ``_bwd``), which
+``torch.compile`` treats as opaque calls.
 """
 
 from __future__ import annotations
@@ -209,45 +209,107 @@ def _warps(heads: dict, block_m: int) -> int:
     return 8 if heads["STACK"] * block_m * heads["D"] >= 128 * 128 else 4
 
 
-class _TokenGather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, t, ends, lists, counts, scale, block_m, block_n):
-        B, Hq, N, D = q.shape
-        o = torch.empty_like(q)
-        lse = torch.empty(B, Hq, N, device=q.device, dtype=torch.float32)
-        heads = _launch_args(q, k, ends, t)
-        grid = (counts.shape[-1], B * Hq // heads["STACK"])
-        t_arg = t.contiguous() if t is not None else lse  # a placeholder pointer without a bias
-        _fwd[grid](
-            q, k, v, t_arg, ends, lists, counts, o, lse, scale, N, lists.shape[-1], counts.shape[-1],
-            HAS_T=t is not None, BM=block_m, BN=block_n, num_warps=_warps(heads, block_m), **heads,
-        )  # fmt: skip
-        ctx.save_for_backward(q, k, v, t_arg, ends, lists, counts, o, lse)
-        ctx.has_t, ctx.scale, ctx.blocks = t is not None, scale, (block_m, block_n)
-        return o
+def _lists_shape(ends: torch.Tensor, keep: int, block_m: int) -> tuple[int, int, int]:
+    """``(rows, query blocks, list capacity)`` of the kept-key lists: a block keeps at most
+    ``keep + block_m - 1`` keys."""
+    b, hs, n = ends.shape
+    return b * hs, -(-n // block_m), min(keep + block_m, n)
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, t_arg, ends, lists, counts, o, lse = ctx.saved_tensors
-        t = t_arg if ctx.has_t else None
-        B, Hq, N, D = q.shape
-        do = do.contiguous()
-        delta = (do.float() * o.float()).sum(-1)
-        dq = torch.empty_like(q)
-        dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
-        dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
-        t_grad = t is not None and ctx.needs_input_grad[3]
-        dt = torch.zeros(t.shape, device=t.device, dtype=torch.float32) if t_grad else lse
-        block_m, block_n = ctx.blocks
-        heads = _launch_args(q, k, ends, t)
-        grid = (counts.shape[-1], B * Hq // heads["STACK"])
-        _bwd[grid](
-            q, k, v, t_arg, ends, lists, counts, do, lse, delta, dq, dk, dv, dt,
-            ctx.scale, N, lists.shape[-1], counts.shape[-1],
-            HAS_T=t is not None, T_GRAD=t_grad, BM=block_m, BN=block_n, num_warps=_warps(heads, block_m), **heads,
-        )  # fmt: skip
-        dt_out = dt.to(t.dtype) if t_grad else None
-        return dq, dk.to(k.dtype), dv.to(v.dtype), dt_out, None, None, None, None, None, None
+
+# Custom ops: opaque to torch.compile (dynamo does not trace into the launches, so it needs no
+# mutation analysis of the kernels' pointer arguments), with fake implementations for tracing.
+@torch.library.custom_op("flexmask::token_gather_fwd", mutates_args=())
+def _forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    t: torch.Tensor | None,
+    ends: torch.Tensor,
+    keep: int,
+    scale: float,
+    block_m: int,
+    block_n: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out, lse, lists, counts)``: the attention, its natural-log logsumexp ``[B, Hq, N]`` and
+    the kept-key lists the backward reuses."""
+    B, Hq, N, D = q.shape
+    rows, nqb, cap = _lists_shape(ends, keep, block_m)
+    lists = torch.zeros(rows, nqb, cap, device=ends.device, dtype=torch.int32)  # deterministic padding
+    counts = torch.empty(rows, nqb, device=ends.device, dtype=torch.int32)
+    _lists[(nqb, rows)](ends, lists, counts, N, cap, nqb, BM=block_m, CHUNK=1024)
+    o = torch.empty_like(q)
+    lse = torch.empty(B, Hq, N, device=q.device, dtype=torch.float32)
+    heads = _launch_args(q, k, ends, t)
+    _fwd[(nqb, B * Hq // heads["STACK"])](
+        q, k, v, lse if t is None else t, ends, lists, counts, o, lse, scale, N, cap, nqb,
+        HAS_T=t is not None, BM=block_m, BN=block_n, num_warps=_warps(heads, block_m), **heads,
+    )  # fmt: skip
+    return o, lse, lists, counts
+
+
+@_forward.register_fake
+def _(q, k, v, t, ends, keep, scale, block_m, block_n):
+    rows, nqb, cap = _lists_shape(ends, keep, block_m)
+    lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return torch.empty_like(q), lse, ends.new_empty(rows, nqb, cap), ends.new_empty(rows, nqb)
+
+
+@torch.library.custom_op("flexmask::token_gather_bwd", mutates_args=())
+def _backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    t: torch.Tensor | None,
+    ends: torch.Tensor,
+    lists: torch.Tensor,
+    counts: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    do: torch.Tensor,
+    scale: float,
+    block_m: int,
+    block_n: int,
+    t_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv, dt)``; ``dt`` float32 like ``t`` (empty without ``t_grad``)."""
+    B, Hq, N, D = q.shape
+    do = do.contiguous()
+    delta = (do.float() * o.float()).sum(-1)
+    dq = torch.empty_like(q)
+    dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
+    dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
+    dt = torch.zeros(t.shape if t_grad else (0,), device=q.device, dtype=torch.float32)
+    heads = _launch_args(q, k, ends, t)
+    nqb, cap = counts.shape[-1], lists.shape[-1]
+    _bwd[(nqb, B * Hq // heads["STACK"])](
+        q, k, v, lse if t is None else t, ends, lists, counts, do, lse, delta, dq, dk, dv, dt if t_grad else lse,
+        scale, N, cap, nqb,
+        HAS_T=t is not None, T_GRAD=t_grad, BM=block_m, BN=block_n, num_warps=_warps(heads, block_m), **heads,
+    )  # fmt: skip
+    return dq, dk.to(k.dtype), dv.to(v.dtype), dt
+
+
+@_backward.register_fake
+def _(q, k, v, t, ends, lists, counts, o, lse, do, scale, block_m, block_n, t_grad):
+    dt = q.new_empty(t.shape if t_grad else (0,), dtype=torch.float32)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dt
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, t, ends, keep, scale, block_m, block_n = inputs
+    o, lse, lists, counts = output
+    ctx.save_for_backward(q, k, v, t, ends, lists, counts, o, lse)
+    ctx.scale, ctx.blocks = scale, (block_m, block_n)
+
+
+def _backward_rule(ctx, do, _dlse, _dlists, _dcounts):
+    q, k, v, t, ends, lists, counts, o, lse = ctx.saved_tensors
+    t_grad = t is not None and ctx.needs_input_grad[3]
+    dq, dk, dv, dt = _backward(q, k, v, t, ends, lists, counts, o, lse, do, ctx.scale, *ctx.blocks, t_grad)
+    return dq, dk, dv, dt.to(t.dtype) if t_grad else None, None, None, None, None, None
+
+
+_forward.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
 def token_gather_attention(
@@ -279,12 +341,6 @@ def token_gather_attention(
         >>> out = token_gather_attention(q, k, v, topk_ends(scores, None, 2048), 2048, bias=scores)  # doctest: +SKIP
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    ends = ends.contiguous()
-    b, hs, n = ends.shape
-    nqb = -(-n // block_m)
-    cap = min(keep + block_m, n)  # a block keeps at most keep + block_m - 1 keys
-    lists = torch.empty(b * hs, nqb, cap, device=ends.device, dtype=torch.int32)
-    counts = torch.empty(b * hs, nqb, device=ends.device, dtype=torch.int32)
-    _lists[(nqb, b * hs)](ends, lists, counts, n, cap, nqb, BM=block_m, CHUNK=1024)
     q, k, v, ends = (x.contiguous() for x in (q, k, v, ends))
-    return _TokenGather.apply(q, k, v, bias, ends, lists, counts, scale, block_m, block_n)
+    t = None if bias is None else bias.contiguous()
+    return _forward(q, k, v, t, ends, keep, scale, block_m, block_n)[0]
