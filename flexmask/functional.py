@@ -75,7 +75,7 @@ def attention(
     softcap = check_softcap(softcap)
     if backend not in ("auto", "flex", "reference"):
         raise ValueError(f"backend must be 'auto', 'flex' or 'reference', got {backend!r}")
-    opts = resolve(options, backend)
+    opts = backends.choose_kernels(resolve(options, backend), q, v)
     if mask is not None:
         _checked(mask, layout)
     if bias is not None:

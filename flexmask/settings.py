@@ -25,7 +25,7 @@ from typing import Literal, TypedDict
 
 Backend = Literal["auto", "flex", "reference"]
 KeyBiasGrad = Literal["auto", "fused", "query_side", "transposed", "flex"]
-TokenKernel = Literal["flex", "gather"]
+TokenKernel = Literal["auto", "flex", "gather"]
 
 
 class Options(TypedDict, total=False):
@@ -36,9 +36,11 @@ class Options(TypedDict, total=False):
             CPU) or ``"auto"`` (flex on CUDA, reference elsewhere). Default ``"auto"``.
         token_layout: run a lone ``fm.topk`` mask (with at most an ``fm.key_bias`` of its scores)
             through the key layout that lets FlexAttention skip unselected keys. Default ``True``.
-        token_kernel: with ``token_layout``, on CUDA: ``"flex"`` (FlexAttention over the key layout)
-            or ``"gather"`` (experimental: a Triton kernel that reads each query block's kept keys in
-            place; fp16/bf16, head dim a power of two). Default ``"flex"``.
+        token_kernel: with ``token_layout``, on CUDA: ``"gather"`` (a Triton kernel that reads each
+            query block's kept keys in place; float16/bfloat16, ``q``/``k``/``v`` head dims equal and
+            a power of two), ``"flex"`` (FlexAttention over the key layout), or ``"auto"``
+            (``"gather"`` where it applies and the head dim is at most 128, else ``"flex"``).
+            Default ``"auto"``.
         gather_decode: for one decoding query (``q_len == 1``) under a content mask (``fm.topk``,
             ``fm.topk_blocks``, or an ``&`` with one), attend to the few keys its selection may keep,
             gathered from the cache, instead of running a BlockMask over the whole cache. Default ``True``.
@@ -76,7 +78,7 @@ class Resolved:
 
     backend: Backend = "auto"
     token_layout: bool = True
-    token_kernel: TokenKernel = "flex"
+    token_kernel: TokenKernel = "auto"
     gather_decode: bool = True
     graphed_build: bool = True
     key_bias_grad: KeyBiasGrad = "auto"
@@ -96,7 +98,7 @@ class Resolved:
 _CHOICES = {
     "backend": ("auto", "flex", "reference"),
     "key_bias_grad": ("auto", "fused", "query_side", "transposed", "flex"),
-    "token_kernel": ("flex", "gather"),
+    "token_kernel": ("auto", "flex", "gather"),
 }
 _NAMES = tuple(f.name for f in fields(Resolved))
 

@@ -235,7 +235,7 @@ def check_dma(text: str, variants: list[str], dma_ok: bool = True) -> dict[str, 
             "flex causal": "flex-causal",
             "flex sliding window 128": "flex-window",
             "DMA token top-k 128": "token",
-            "DMA token top-k 128, in-place kernel": "token-gather",
+            "DMA token top-k 128, flex over the key layout": "token-flex",
             "DMA block top-k 1×128": "block",
         }
         got = [(key[r["variant"]], r["scores"]) for r in rows]

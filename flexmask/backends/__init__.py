@@ -5,6 +5,7 @@
 * :mod:`.reference`: exact PyTorch, chunked over queries; runs anywhere, trains on CPU (where flex
   has no backward) and bounds memory.
 * :mod:`.token_layout`: token-level top-k (``fm.topk``) through a key layout that skips work.
+* :mod:`.token_gather`: token-level top-k read in place by the Triton kernels of :mod:`.triton`.
 * :mod:`.gather`: one decoding query attends to the keys its content selection gathered.
 * :mod:`.key_bias`: a per-key bias whose gradient avoids flex's atomics, with the Triton kernels
   of :mod:`.triton`.
@@ -15,7 +16,15 @@ from __future__ import annotations
 import torch
 
 from ..lowering.plan import Plan
+from ..settings import Resolved
 from . import flex, gather, key_bias, reference, token_gather, token_layout
+
+
+def choose_kernels(options: Resolved, q: torch.Tensor, v: torch.Tensor) -> Resolved:
+    """``options`` with the choices that depend on the inputs made: ``token_kernel="auto"``."""
+    if options.token_kernel != "auto":
+        return options
+    return options.merged({"token_kernel": "gather" if token_gather.applies(q, v, auto=True) else "flex"})
 
 
 def run(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

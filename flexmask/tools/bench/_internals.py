@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 import flexmask as fm
+from flexmask.backends import choose_kernels
 from flexmask.lowering.blocks import build_block_mask
 from flexmask.lowering.layout import BLOCK, Layout, Lowering
 from flexmask.lowering.planner import lower
@@ -42,8 +43,10 @@ def build_block_mask_uncached(mask: Any, layout: Any) -> Any:
     return build_block_mask(mask, Lowering(layout, fm.options_in_effect()), BLOCK)
 
 
-def fresh_mask_build(mask: Any, bias: Any, layout: Any) -> Any:
+def fresh_mask_build(mask: Any, bias: Any, layout: Any, q: torch.Tensor, v: torch.Tensor, options: Any = None) -> Any:
     """What :func:`flexmask.attention` builds for a new mask and bias before any kernel runs (its
-    plan: the token key layout of a lone ``fm.topk``, or the ``BlockMask``), with the cache off."""
-    options = fm.options_in_effect().merged({"cache": False})
-    return lower(mask, bias, layout=layout, options=options, scale=1.0, softcap=None)
+    plan: the token selection's interval ends or key layout, or the ``BlockMask``) for inputs like
+    ``q``, ``v`` and per-call ``options``, with the cache off."""
+    resolved = fm.options_in_effect().merged({**(options or {}), "cache": False})
+    resolved = choose_kernels(resolved, q, v)
+    return lower(mask, bias, layout=layout, options=resolved, scale=1.0, softcap=None)

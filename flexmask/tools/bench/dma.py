@@ -56,12 +56,12 @@ from .options import (
 )
 from .report import Column, Report, Row, fmt, number, percent, ratio
 
-VARIANTS = ("sdpa", "flex-causal", "flex-window", "token", "token-gather", "block")  # table order
+VARIANTS = ("sdpa", "flex-causal", "flex-window", "token", "token-flex", "block")  # table order
 # SDPA first: the speedups' reference
-RUN_ORDER = ("sdpa", "token", "token-gather", "block", "flex-window", "flex-causal")
-DMA_VARIANTS = ("token", "token-gather", "block")
-#: per-call options of a variant (experimental kernels)
-VARIANT_OPTIONS = {"token-gather": {"token_kernel": "gather"}}
+RUN_ORDER = ("sdpa", "token", "token-flex", "block", "flex-window", "flex-causal")
+DMA_VARIANTS = ("token", "token-flex", "block")
+#: per-call options of a variant (the kernels that are not the default)
+VARIANT_OPTIONS = {"token-flex": {"token_kernel": "flex"}}
 SCORES = ("random", "clustered")
 
 #: ``--quick``: fewer sizes, no paper configuration.
@@ -104,7 +104,7 @@ VARIANT_TITLES = {
     "flex-causal": "flex causal",
     "flex-window": "flex sliding window {w}",
     "token": "DMA token top-k {w}",
-    "token-gather": "DMA token top-k {w}, in-place kernel",
+    "token-flex": "DMA token top-k {w}, flex over the key layout",
     "block": "DMA block top-k {kb}×{bs}",
 }
 
@@ -116,7 +116,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--variants",
         type=csv_choices(VARIANTS),
         default=[v for v in VARIANTS if v not in VARIANT_OPTIONS],
-        help=f"subset of {','.join(VARIANTS)} (default all but the experimental {','.join(VARIANT_OPTIONS)}; "
+        help=f"subset of {','.join(VARIANTS)} (default all but {','.join(VARIANT_OPTIONS)}, kernels fm.attention "
+        "does not choose by default; "
         "sdpa is the speedup reference)",
     )
     p.add_argument("--scores", type=csv_choices(SCORES), default=list(SCORES), help="random,clustered (default both)")
@@ -149,7 +150,7 @@ def dma_selection(variant: str, window: int, block_size: int = 128) -> Callable:
     fn = getattr(fm, name, None)
     if fn is None:
         raise Skip(f"unavailable: this flexmask has no fm.{name} (flexmask/dma.py)")
-    if variant in ("token", "token-gather"):
+    if variant in ("token", "token-flex"):
         return lambda s: fn(s, window)
     k_blocks = max(1, window // block_size)
     return lambda s: fn(s, k_blocks, block_size=block_size)
@@ -209,7 +210,7 @@ def _dma_row(env: Env, args, inputs, n: int, hq: int, hkv: int, variant: str, sc
             return fm.attention(q, k, v, mask=mask, bias=bias, options=options)
 
         def build():  # what fm.attention builds for a fresh mask: the token layout, or the BlockMask
-            return _internals.fresh_mask_build(make_mask(s), fm.key_bias(s), layout)
+            return _internals.fresh_mask_build(make_mask(s), fm.key_bias(s), layout, q, v, options)
 
         extras["build"] = build
         # new scores every step: the cache (keyed by the scores' tensor and version) must not serve it
