@@ -376,3 +376,8 @@ def test_counting_scan_outside_inductor_fusion(gen):
     maps = (rows & heads).int()
     for x in (maps, maps.transpose(0, 2)):  # also a transposed view: the fake kernel's strides must be right
         torch.library.opcheck(_unfused_cumsum, (x, -1, torch.int32))
+    long_rows = torch.randint(-3, 4, (2, 3, 5000), generator=gen)  # scanned in chunks, with their carries
+    for x, dim, dtype in ((long_rows, -1, torch.int64), (long_rows.transpose(1, 2), 1, torch.int32)):
+        got = _unfused_cumsum(x, dim, dtype)
+        assert got.is_contiguous() and torch.equal(got, torch.cumsum(x, dim, dtype=dtype))
+    torch.library.opcheck(_unfused_cumsum, (long_rows.bool(), -1, torch.int64))
