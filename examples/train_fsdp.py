@@ -11,13 +11,16 @@ split one of two ways:
 * ``--cp contiguous`` or ``--cp balanced`` (context parallel): every rank holds a shard of
   ``N / world`` positions of each of the ``--batch`` sequences, and attention runs through
   ``flexmask.distributed.attention`` (registered as a transformers attention implementation).
+  ``balanced`` evens out causal attention, whose work grows along the sequence; DMA keeps the same
+  number of keys per query, so ``contiguous`` is already even for it (and one call per rank).
 
 Each step prints the loss (the mean over every token of the global batch) and the tokens per second
 of each rank (the tokens it holds, over the step time)::
 
     torchrun --nproc-per-node 2 examples/train_fsdp.py --tiny                  # CPU, gloo: seconds
     torchrun --nproc-per-node 2 examples/train_fsdp.py --tiny --cp balanced
-    torchrun --nproc-per-node 2 examples/train_fsdp.py --length 65536 --cp balanced --variant dma-block
+    torchrun --nproc-per-node 2 examples/train_fsdp.py --length 131072 --cp balanced --variant flexmask
+    torchrun --nproc-per-node 2 examples/train_fsdp.py --length 131072 --cp contiguous --variant dma-block
 
 On CUDA the backend is NCCL, the weights compute in bf16 (``MixedPrecisionPolicy``, gradients reduced
 in fp32) and each decoder layer is compiled (``--compile``); on CPU, gloo and fp32, nothing compiled.

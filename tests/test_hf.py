@@ -580,6 +580,45 @@ def test_gpu_compiled_dma_model_matches_eager(selection):
 
 
 @needs_topk
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_dma_token_model_trains_through_the_in_place_kernel(monkeypatch):
+    """A bf16 Llama converted with ``to_dma`` (token selection, no padding): its layers' ``causal()
+    & topk`` plans as the top-k alone and takes the in-place kernel (``token_kernel="auto"``); the
+    training step, eager and with each decoder layer compiled, matches the flex key-layout path's
+    (loss and every gradient, bf16 tolerance)."""
+    from flexmask.backends import token_gather
+
+    calls = []
+    real = token_gather.run
+    monkeypatch.setattr(token_gather, "run", lambda *args: calls.append(1) or real(*args))
+    torch.manual_seed(0)
+    model = llama(layers=2).to("cuda", torch.bfloat16).train()
+    fm.hf.to_dma(model, keep_window=64)
+    for layer in model.model.layers:  # nonzero gates: a real content selection
+        layer.self_attn.A.data.normal_()
+    ids = torch.randint(1, V, (2, 384), device="cuda")
+
+    def step():
+        model.zero_grad()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        return loss.detach().float(), [p.grad.float().clone() for p in model.parameters()]
+
+    with fm.options(token_kernel="flex"):
+        ref_loss, ref_grads = step()
+    assert not calls
+    eager = step()
+    assert len(calls) == 2  # one call per layer
+    for layer in model.model.layers:
+        layer.compile()
+    for loss, grads in (eager, step()):
+        assert abs(loss.item() - ref_loss.item()) < 2e-2
+        for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads, strict=True):
+            assert ((g - r).norm() / r.norm().clamp_min(1e-12)).item() < 5e-2, name
+
+
+@needs_topk
 @pytest.mark.parametrize("selection", ["token", "block"])
 def test_dma_models_under_inference_mode(selection, gen):
     """Serving stacks run models under torch.inference_mode: a converted model's forward and

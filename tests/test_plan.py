@@ -13,7 +13,7 @@ from flexmask.lowering import cache
 from flexmask.lowering.planner import lower
 
 from ._lowering import Layout, block_mask_for, lowering
-from ._reference import brute_topk, brute_topk_blocks, ref_attention
+from ._reference import brute_topk, brute_topk_blocks, ref_attention, rel_err
 
 
 def qkv(gen, B=2, Hq=4, Hkv=2, Q=50, KV=50, D=8):
@@ -48,12 +48,33 @@ def test_planner_choices(gen):
     assert plan_kind(fm.topk(s, 8)) == "token_layout"
     assert plan_kind(fm.topk(s, 8), fm.key_bias(s), token_layout=False) == "flex"
     assert plan_kind(fm.topk(s, 8), fm.key_bias(s), softcap=5.0) == "flex"
-    assert plan_kind(fm.topk(s, 8) & fm.causal()) == "flex"  # only a lone topk offers the layout
+    assert plan_kind(fm.topk(s, 8) & fm.causal()) == "token_layout"  # causal() adds nothing to a top-k
+    assert plan_kind(fm.causal() & fm.topk(s, 8), fm.key_bias(s)) == "token_layout"
+    assert plan_kind(fm.topk(s, 8) & fm.sliding_window(16)) == "flex"  # only a lone topk offers the layout
     assert plan_kind(fm.topk(s, 8, among=fm.padding(torch.tensor([60])))) == "flex"
     assert plan_kind(fm.topk(s, 8), fm.alibi(4)) == "flex"
     assert plan_kind(fm.causal()) == "flex"
     low = lowering(Layout(1, 4, 64, 64, torch.device("cpu"), 2))  # backend "auto" on CPU
     assert lower(fm.causal(), None, layout=low.layout, options=low.options, scale=1.0, softcap=None).kind == "reference"
+
+
+def test_causal_is_dropped_only_beside_a_mask_that_implies_it(gen):
+    s = torch.randn(1, 2, 64, generator=gen)
+    top, blocks, causal = fm.topk(s, 8), fm.topk_blocks(s, 2, block_size=16), fm.causal()
+    assert (causal & top)._essential() is top and (blocks & causal)._essential() is blocks
+    window = fm.sliding_window(4)
+    for kept in (causal & window, window & top, causal & causal, top & blocks):
+        assert kept._essential() is kept
+    n = 37  # the plans (of the simplified mask) equal float64 attention under the whole expression's dense mask
+    q, k, v = (torch.randn(1, 2, n, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    sc = torch.randn(1, 2, n, generator=gen, dtype=torch.float64)
+    for mask in (fm.causal() & fm.topk(sc, 5), fm.topk_blocks(sc, 1, block_size=8) & fm.causal()):
+        keep = mask.to_dense(n, n)  # every factor evaluated elementwise
+        assert torch.equal(keep, mask._essential().to_dense(n, n))
+        ref = ref_attention(q, k, v, keep=keep)
+        assert rel_err(fm.attention(q, k, v, mask=mask, backend="reference"), ref) < 1e-12
+        flex = fm.attention(q.float(), k.float(), v.float(), mask=mask, backend="flex")  # (flex on CPU: float32)
+        assert rel_err(flex, ref) < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------

@@ -98,6 +98,9 @@ class _ContentMask(Mask):
     def _gather_factor(self):
         return self
 
+    def _implies_causal(self):
+        return True  # a query keeps keys at or before it only
+
     def _blocks_say_little(self):
         return True
 

@@ -96,6 +96,15 @@ class Mask:
         """Whether its ``mask_mod`` depends on the call's lengths beyond what its tensors fix."""
         return any(child._needs_lengths() for child in self._children())
 
+    def _implies_causal(self) -> bool:
+        """Whether every pair it keeps has ``kv_idx <= q_idx`` (so ``& fm.causal()`` changes nothing)."""
+        return False
+
+    def _essential(self) -> Mask:
+        """An equal mask without redundant factors: ``fm.causal() & m`` is ``m`` when ``m`` implies
+        causality (content selections do), so that lowerings of ``m`` alone apply."""
+        return self
+
     def _blocks_say_little(self) -> bool:
         """Whether its block maps say little about which keys are kept (content selections, custom
         functions: most of their blocks are "partial"); pictures then show kept keys instead."""
@@ -249,6 +258,9 @@ class Full(Mask):
 
 
 class Causal(Mask):
+    def _implies_causal(self):
+        return True
+
     def _mask_mod(self, low):
         def causal(b, h, q_idx, kv_idx):
             return kv_idx <= q_idx
@@ -542,6 +554,15 @@ class _Combined(Mask):
 
 class And(_Combined):
     _precedence = 2
+
+    def _implies_causal(self):
+        return any(part._implies_causal() for part in self.parts)
+
+    def _essential(self):
+        parts = [part._essential() for part in self.parts]
+        redundant = [isinstance(p, Causal) and any(o._implies_causal() for o in parts if o is not p) for p in parts]
+        kept = [p for p, r in zip(parts, redundant, strict=True) if not r]
+        return kept[0] if len(kept) == 1 else self  # (no new object: lowered masks are cached by identity)
 
     def _gather_factor(self):
         return next((f for f in (part._gather_factor() for part in self.parts) if f is not None), None)

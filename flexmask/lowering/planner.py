@@ -32,9 +32,11 @@ from .plan import Plan
 def lower(mask: Any, bias: Any, *, layout: Layout, options: Resolved, scale: float, softcap: float | None) -> Plan:
     """The plan of one call (masks and biases already checked against ``layout``)."""
     low = Lowering(layout, options)
+    given = mask
+    mask = None if mask is None else mask._essential()  # e.g. causal() & topk(...) plans as the top-k alone
 
     def describe() -> str:
-        return f"mask={mask!r}, bias={bias!r}, softcap={softcap}"
+        return f"mask={given!r}, bias={bias!r}, softcap={softcap}"
 
     common = dict(layout=layout, options=options, scale=scale, describe=describe)
     decoding = layout.q_len == 1

@@ -5,12 +5,17 @@ For each length N, each variant trains in a fresh model built from the same seed
 and tokens, so SDPA and flexmask causal give the same loss. A step is ``zero_grad``, the forward
 with ``labels`` (so the loss is the model's own), and ``backward``; no optimizer step. The variants:
 
-* SDPA eager, and SDPA under ``torch.compile`` (transformers passes SDPA a mask under compile, so
-  that path takes a masked kernel; both are shown);
+* SDPA eager, and SDPA under ``torch.compile`` (both are shown);
 * flexmask causal: ``fm.hf.apply(model)``, compiled;
 * DMA token and DMA block: ``fm.hf.to_dma(model, keep_window, selection=...)``, compiled, with the
   gates ``A`` drawn from ``normal(0, 1)`` and ``dt_proj`` from ``normal(0, 1/fan_in)`` so that the
   selection depends on the content (with ``A = 0`` it would be a sliding window).
+
+"Compiled" compiles each decoder layer (``layer.compile()``, as FSDP training does; default
+``--compile-scope layers``) or the whole model (``model``). Under a whole-model compile transformers
+builds its mask function inside the traced forward, where it cannot be read: flexmask then
+evaluates it at every (query, key) pair to build each layer's BlockMask (``O(N²)`` work, no
+``N²`` memory), and SDPA gets an explicit ``N × N`` mask.
 
 Memory is freed between variants (and dynamo reset); a variant that runs out of memory reads
 ``OOM`` and the run goes on. Without CUDA the default sizes are refused (exit status 2); ``--tiny``
@@ -133,6 +138,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="torch.compile the compiled variants (auto: on with CUDA, off on CPU)",
     )
     p.add_argument(
+        "--compile-scope",
+        choices=["layers", "model"],
+        default="layers",
+        help="compile each decoder layer (default) or the whole model (transformers' mask function is then traced "
+        "and cannot be read)",
+    )
+    p.add_argument(
         "--tiny",
         action="store_true",
         help="2 layers, hidden 64, 4/2 heads of 16, vocab 256, N 64,128, keep window 32, blocks of 16, "
@@ -237,7 +249,7 @@ def _measure(env: Env, args, config, n: int, variant: str, compiled: bool) -> Ro
     """One variant at one length: first step (with compilation), warm-up, timed steps, peak memory."""
     dev = env.device
     model = _model(env, args, config, variant)
-    run_model = torch.compile(model) if compiled else model
+    run_model = _compiled(model, args.compile_scope) if compiled else model
     tokens = torch.Generator().manual_seed(args.seed + n)  # the same tokens for every variant at this N
     ids = torch.randint(0, args.vocab, (args.batch, n), generator=tokens).to(dev)
 
@@ -271,6 +283,15 @@ def _measure(env: Env, args, config, n: int, variant: str, compiled: bool) -> Ro
         "first_step_s": first_s,
         "loss": f"{loss:.4f}" if math.isfinite(loss) else str(loss),
     }
+
+
+def _compiled(model: torch.nn.Module, scope: str) -> torch.nn.Module:
+    """``model`` with each decoder layer compiled (``"layers"``), or ``torch.compile(model)`` (``"model"``)."""
+    if scope == "model":
+        return torch.compile(model)
+    for layer in model.model.layers:
+        layer.compile()
+    return model
 
 
 def _free(env: Env, compiled: bool) -> None:
@@ -314,7 +335,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> Report:
         )
     )
     extra: dict[str, str] = {
-        "compile": "torch.compile(model) (default options) for the compiled variants; dynamo reset between variants"
+        "compile": (
+            "each decoder layer compiled (layer.compile(), default options)"
+            if args.compile_scope == "layers"
+            else "torch.compile(model) (default options)"
+        )
+        + " for the compiled variants; dynamo reset between variants"
         if compile_on
         else "nothing compiled (--compile off)"
     }
@@ -338,8 +364,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> Report:
             "step ms: one training step (forward with the loss, backward); tokens/s = batch · N / step; vs SDPA "
             "eager: SDPA eager's step / this step (higher is faster); loss: of the first step (the same weights "
             "and tokens for every variant: SDPA and flexmask causal agree; DMA's random gates change it).",
-            "SDPA compiled: transformers builds an explicit mask for SDPA under torch.compile, so SDPA takes a "
-            "masked kernel there and can be slower than eager. OOM: the variant ran out of memory at that N.",
+            "With --compile-scope model, transformers builds an explicit mask for SDPA under torch.compile (a masked "
+            "kernel, slower than eager), and flexmask evaluates transformers' mask function at every (query, key) "
+            "pair. OOM: the variant ran out of memory at that N.",
         ],
     )
     for n in lengths:
