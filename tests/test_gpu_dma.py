@@ -146,7 +146,8 @@ def test_graphed_topk_blocks_build_matches_eager_and_results_never_alias():
     assert torch.equal(outs[0], outs[1])
 
 
-def test_graphed_token_layout_matches_eager_and_results_never_alias():
+@pytest.mark.parametrize("kernel", ["flex", "gather"])  # the key layout's build, or the interval ends'
+def test_graphed_token_layout_matches_eager_and_results_never_alias(kernel):
     from flexmask.lowering.cache import graph_store
 
     torch.manual_seed(6)
@@ -157,13 +158,15 @@ def test_graphed_token_layout_matches_eager_and_results_never_alias():
     g = torch.randn(1, Hq, n, D, device="cuda", dtype=torch.bfloat16)
 
     def run(s):
-        out = fm.attention(q, k, v, mask=fm.topk(s, w), bias=fm.key_bias(s), options={"graphed_build": False})
+        options = {"graphed_build": False, "token_kernel": kernel}
+        out = fm.attention(q, k, v, mask=fm.topk(s, w), bias=fm.key_bias(s), options=options)
         return [out, *torch.autograd.grad(out, (q, k, v, s), g)]
 
     eager = [run(s) for s in scores]
     fm.clear_cache()
     # both forwards first, then both backwards: the first call's layout must survive the second's replay
-    outs = [fm.attention(q, k, v, mask=fm.topk(s, w), bias=fm.key_bias(s)) for s in scores]
+    graphed = {"token_kernel": kernel}
+    outs = [fm.attention(q, k, v, mask=fm.topk(s, w), bias=fm.key_bias(s), options=graphed) for s in scores]
     assert any(entry != "eager" for entry in graph_store().values()), "nothing was captured"
     for out, s, want in zip(outs, scores, eager, strict=True):
         got = [out, *torch.autograd.grad(out, (q, k, v, s), g)]

@@ -196,7 +196,11 @@ class TopK(_ContentMask):
         return token_layout(self.scores, self.k, low.layout, graphed)
 
     def _token_ends(self, low: Lowering) -> torch.Tensor:
-        """(Offers.TOKEN_LAYOUT) the interval ends of its selection: :meth:`interval_ends`."""
+        """(Offers.TOKEN_LAYOUT) the interval ends of its selection (:meth:`interval_ends`), built by
+        a CUDA-graph replay on CUDA with option ``graphed_build``."""
+        if low.options.graphed_build and low.layout.device.type == "cuda":
+            scores = self.scores.detach().to(low.layout.device)
+            return selection.graphed_topk_ends(scores, key=(self.k, low.layout))[0]
         return self.interval_ends(low)
 
     def _decode_gather(self, low: Lowering) -> Gathered:

@@ -147,3 +147,16 @@ graphed_topk_blocks = CudaGraphed(_topk_blocks_build)
 GRAPHED_BLOCKS_LIMIT = 1 << 22
 """Largest ``batch × heads × query blocks × key blocks`` built from a CUDA graph (16 heads at 64k
 self-attention: a pool of ~0.3 GB)."""
+
+
+def _topk_ends_tensors(scores: torch.Tensor, key: tuple) -> tuple[torch.Tensor]:
+    """``(ends,)``: the interval ends of ``topk(scores, k)`` (no ``among``) over ``layout``, int32,
+    for ``key = (k, layout)``: what :data:`graphed_topk_ends` replays."""
+    k, layout = key
+    s, _ = key_candidates(scores, layout)
+    return (topk_ends(s, None, k),)
+
+
+#: the token selection's interval ends replayed from a CUDA graph: its few dozen small kernels
+#: (ranks, the wavelet levels, the searches) cost more to launch than to run
+graphed_topk_ends = CudaGraphed(_topk_ends_tensors)
