@@ -311,7 +311,7 @@ MODEL_STYLE = {
 
 def model_step():
     """A training step of the 8-layer model against N, per variant."""
-    reports = [("model-8k", load("model-8k")), ("model-64k", load("model-64k"))]
+    reports = [("model-8k-32k", load("model-8k-32k")), ("model-64k", load("model-64k"))]
     fig, (ax,) = _figure(1, width=6.4, height=4.4)
     series: dict[str, dict[int, float]] = {}
     for _, report in reports:

