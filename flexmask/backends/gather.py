@@ -12,12 +12,48 @@ import torch
 
 from ..lowering.cache import compiled_on_cuda
 from ..lowering.plan import Plan
+from .triton import gather_decode
 
 
 def run(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Run a ``"gather"`` plan: ``q`` ``[B, Hq, 1, D]`` → ``[B, Hq, 1, Dv]``."""
+    """Run a ``"gather"`` plan: ``q`` ``[B, Hq, 1, D]`` → ``[B, Hq, 1, Dv]``.
+
+    On CUDA (fp16/bf16, no softcap, one list of positions per KV head) the attention itself is
+    one Triton kernel (:mod:`.triton.gather_decode`); the mask and the bias are evaluated at the
+    gathered positions first, as a keep map and an additive term."""
     positions, valid = plan.gathered
+    if plan.softcap is None and gather_decode.applies(q, k, v, positions):
+        B, Hkv = q.shape[0], k.shape[1]
+        keep, add = _terms(positions, valid, q.shape[1], plan.score_mod, plan.mask_mod, torch.float32)
+        positions = positions.expand(B, Hkv, positions.shape[-1])
+        return gather_decode.gathered_decode(q, k, v, positions, keep, add, plan.scale)
     return _attend(q, k, v, positions, valid, plan.scale, plan.score_mod, plan.mask_mod)
+
+
+def _terms_eager(
+    positions, valid, heads: int, score_mod, mask_mod, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """At the gathered positions ``[B, Hs, S]`` (``Hs`` dividing ``heads``), per query head:
+    ``keep`` ``[B, Hq, S]`` (the selection's ``valid`` and the ``mask_mod``) and the additive bias
+    ``score_mod(0)`` ``[B, Hq, S]`` in ``dtype`` (``None`` without one)."""
+    B, hs, S = positions.shape[0], positions.shape[1], positions.shape[-1]
+    dev = positions.device
+    kv_idx = positions.repeat_interleave(heads // hs, 1)[:, :, None, :]  # [B, Hq, 1, S]
+    keep = valid.repeat_interleave(heads // hs, 1)[:, :, None, :]
+    b = torch.arange(B, device=dev).view(-1, 1, 1, 1)
+    h = torch.arange(heads, device=dev).view(1, -1, 1, 1)
+    q_idx = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=dev)  # call-local: the one query
+    if mask_mod is not None:
+        keep = keep & mask_mod(b, h, q_idx, kv_idx)
+    keep = keep.expand(B, heads, 1, S)[:, :, 0]
+    if score_mod is None:
+        return keep, None
+    zero = torch.zeros(B, heads, 1, S, device=dev, dtype=dtype)
+    return keep, score_mod(zero, b, h, q_idx, kv_idx).to(dtype).expand(B, heads, 1, S)[:, :, 0]
+
+
+# a few elementwise kernels on CUDA (the mask and bias at the gathered positions); automatic dynamic shapes
+_terms = compiled_on_cuda(_terms_eager, dynamic=None)
 
 
 def _attend_eager(q, k, v, positions, valid, scale: float, score_mod, mask_mod) -> torch.Tensor:

@@ -39,6 +39,8 @@ class Plan:
         token_ends: ``(ends, k)``: the interval ends ``[B, Hs, KV]`` int32 of a lone ``fm.topk`` and
             its ``k`` (``token_gather``).
         gathered: the key positions a decoding query may keep (``gather``).
+        softcap: the softcap inside ``score_mod`` (``gather``: without one the bias is additive,
+            ``score_mod(s) = s + score_mod(0)``).
         causal_partial: every partial block of ``block_mask`` is causal inside (kernels may apply
             ``j <= i`` there instead of the ``mask_mod``).
         describe: a function naming the call's mask, bias and softcap (for messages and for
@@ -56,5 +58,6 @@ class Plan:
     token: TokenLayout | None = None
     token_ends: tuple[torch.Tensor, int] | None = None
     gathered: Gathered | None = None
+    softcap: float | None = None
     causal_partial: bool = False
     describe: Callable[[], str] = str

@@ -49,12 +49,13 @@ def lower(mask: Any, bias: Any, *, layout: Layout, options: Resolved, scale: flo
                 lambda: _gather(mask, factor, layout, options),
                 enabled=options.cache and not layout.offset_is_tensor,
             )
-            return Plan(
-                "gather", gathered=gathered, mask_mod=mask_mod, score_mod=lower_score(bias, softcap, layout), **common
-            )
+            score_mod = lower_score(bias, softcap, layout)
+            return Plan("gather", gathered=gathered, mask_mod=mask_mod, score_mod=score_mod, softcap=softcap, **common)
     if layout.offset_is_tensor:  # one query at a tensor position: its mask evaluated at every key
         mask_mod, score_mod = lower_mods(mask, bias, softcap, low)
-        return Plan("gather", gathered=Gathered(None, None), mask_mod=mask_mod, score_mod=score_mod, **common)
+        return Plan(
+            "gather", gathered=Gathered(None, None), mask_mod=mask_mod, score_mod=score_mod, softcap=softcap, **common
+        )
     backend = options.backend
     if backend == "auto":
         backend = "flex" if layout.device.type == "cuda" else "reference"
