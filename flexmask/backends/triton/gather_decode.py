@@ -106,8 +106,22 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.
     )
 
 
-@torch.library.custom_op("flexmask::gathered_decode", mutates_args=())
 def gathered_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    keep: torch.Tensor,
+    add: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """:func:`decode`, as the custom op ``flexmask::gathered_decode`` under ``torch.compile`` (which
+    keeps it whole) and called directly otherwise (an eager step pays no op dispatch)."""
+    op = _gathered_decode_op if torch.compiler.is_compiling() else decode
+    return op(q, k, v, positions, keep, add, scale)
+
+
+def decode(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -155,6 +169,9 @@ def gathered_decode(
     return out
 
 
-@gathered_decode.register_fake
+_gathered_decode_op = torch.library.custom_op("flexmask::gathered_decode", decode, mutates_args=())
+
+
+@_gathered_decode_op.register_fake
 def _(q, k, v, positions, keep, add, scale):
     return q.new_empty(*q.shape[:-1], v.shape[-1])
