@@ -582,6 +582,37 @@ def test_gpu_compiled_dma_model_matches_eager(selection):
 @needs_topk
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("selection", ["token", "block"])
+def test_gpu_bf16_dma_generate_with_a_static_cache(selection, monkeypatch):
+    """A bf16 DMA model's greedy generate() with a static cache: eager decoding steps take the Triton
+    decoding kernel; transformers' compiled decoding step gives the same tokens."""
+    from flexmask.backends.triton import gather_decode
+
+    calls = []
+    real = gather_decode.gathered_decode
+    monkeypatch.setattr(gather_decode, "gathered_decode", lambda *args: calls.append(1) or real(*args))
+    torch.manual_seed(0)
+    model = llama(layers=2).to("cuda", torch.bfloat16)
+    fm.hf.to_dma(model, keep_window=64 if selection == "token" else 128, selection=selection, block_size=32)
+    for layer in model.model.layers:  # nonzero gates: a real content selection
+        layer.self_attn.A.data.normal_()
+    prompt = torch.randint(1, V, (2, 300), device="cuda")
+    settings = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static")
+    settings |= dict(output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        eager = model.generate(prompt, **settings, disable_compile=True)
+        assert calls  # the eager decoding steps ran the kernel
+        compiled = model.generate(prompt, **settings)
+    # the prefill is the same eager call in both, so the first decoding step sees the same token; its
+    # logits come from the kernel (eager) and from the compiled PyTorch path (bf16 model: rounding)
+    assert torch.equal(compiled.sequences[:, :302], eager.sequences[:, :302])
+    a, b = compiled.logits[1].float(), eager.logits[1].float()
+    assert ((a - b).norm() / b.norm()).item() < 2e-2
+
+
+@needs_topk
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_dma_token_model_trains_through_the_in_place_kernel(monkeypatch):
     """A bf16 Llama converted with ``to_dma`` (token selection, no padding): its layers' ``causal()
     & topk`` plans as the top-k alone and takes the in-place kernel (``token_kernel="auto"``); the
