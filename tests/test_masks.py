@@ -575,3 +575,19 @@ def test_block_index_tensors_batched_and_one_by_one_agree(monkeypatch, q_len):
         monkeypatch.undo()
         for name in names:
             assert torch.equal(getattr(batched, name), getattr(single, name)), (repr(mask), name)
+
+
+@SETTINGS
+@given(spec=TREES, shape=shapes(), tokens=st.booleans(), seed=seeds)
+def test_dropping_an_implied_causal_factor_changes_nothing(spec, shape, tokens, seed):
+    """``_essential()`` (what the planner lowers) drops ``fm.causal()`` beside a factor that implies it
+    and nothing else: the dense masks agree, for content selections and any other tree."""
+    B, Q, KV, _ = shape
+    m, _ = realize(spec, B, Q, KV)
+    s = torch.from_numpy(np.random.default_rng(seed).standard_normal((B, 1, KV)))
+    sel = fm.topk(s, 5) if tokens else fm.topk_blocks(s, 1, block_size=8)
+    causal = fm.causal()
+    for expr in (causal & sel, sel & causal, causal & (m & causal), (causal & sel) & m, m):
+        essential = expr._essential()
+        np.testing.assert_array_equal(dense(essential, B, Q, KV), dense(expr, B, Q, KV))
+    assert (causal & sel)._essential() is sel
