@@ -63,3 +63,34 @@ def test_token_gather_under_torch_compile_matches_eager_and_new_scores_do_not_re
             assert rel_err(a.double(), b.double()) < 2e-2, name
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[0] >= 1 and graphs[1:] == [graphs[0]] * 2, graphs
+
+
+def test_token_gather_among_documents_and_padding_matches_float64_on_gpu(monkeypatch):
+    """``fm.topk(s, w, among=document & padding)`` takes the in-place kernel (its ends fold the
+    documents and the padding in): output and every gradient against float64 over the mask's dense
+    truth (packed documents, padding, GQA, batch 2)."""
+    from flexmask.backends import token_gather
+
+    from ._reference import ref_attention
+
+    calls = []
+    real = token_gather.run
+    monkeypatch.setattr(token_gather, "run", lambda *args: calls.append(1) or real(*args))
+    g = torch.Generator().manual_seed(3)
+    B, Hq, Hkv, N, D, w = 2, 4, 2, 1500, 64, 200
+    q, k, v = (torch.randn(B, h, N, D, generator=g).cuda().bfloat16().requires_grad_() for h in (Hq, Hkv, Hkv))
+    s = torch.randn(B, Hkv, N, generator=g).cuda().requires_grad_()
+    ids = torch.repeat_interleave(torch.arange(3), torch.tensor([400, 700, 400]))[None].expand(B, N).cuda()
+    mask = fm.topk(s, w, among=fm.document(ids) & fm.padding(torch.tensor([N, 1200], device="cuda")))
+    out = fm.attention(q, k, v, mask=mask, bias=fm.key_bias(s), options={"cache": False})
+    assert calls
+    keep = mask.to_dense(N, N, batch=B, heads=Hkv).repeat_interleave(Hq // Hkv, 1).cpu()
+    qd, kd, vd, sd = (x.detach().double().cpu().requires_grad_() for x in (q, k, v, s))
+    bias = sd.repeat_interleave(Hq // Hkv, 1)[:, :, None, :]
+    ref = ref_attention(qd, kd, vd, keep=keep, bias=bias)
+    assert rel_err(out.double().cpu(), ref) < 2e-2
+    go = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, s), go)
+    want = torch.autograd.grad(ref, (qd, kd, vd, sd), go.double().cpu())
+    for a, b, name in zip(got, want, "qkvs", strict=True):
+        assert rel_err(a.double().cpu(), b) < 3e-2, name

@@ -7,6 +7,8 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import flexmask as fm
 from flexmask.lowering import cache
@@ -402,3 +404,34 @@ def test_counting_scan_outside_inductor_fusion(gen):
         got = _unfused_cumsum(x, dim, dtype)
         assert got.is_contiguous() and torch.equal(got, torch.cumsum(x, dim, dtype=dtype))
     torch.library.opcheck(_unfused_cumsum, (long_rows.bool(), -1, torch.int64))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(2, 70),
+    k=st.integers(1, 12),
+    cuts=st.lists(st.integers(1, 69), max_size=4),
+    padded=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_topk_among_documents_and_padding_is_its_folded_interval_rule(n, k, cuts, padded, seed):
+    """What the in-place token kernels read for ``fm.topk(s, k, among=...)``: the interval ends with
+    the documents and padding folded in give exactly the mask (ties, packed documents, padding)."""
+    from flexmask.lowering.layout import Offers
+
+    g = torch.Generator().manual_seed(seed)
+    B, Hs = 2, 2
+    s = torch.randint(-2, 3, (B, Hs, n), generator=g).float()  # many ties
+    starts = torch.tensor(sorted({c for c in cuts if c < n}), dtype=torch.long)  # where documents begin
+    ids = torch.bucketize(torch.arange(n), starts, right=True)
+    parts = [fm.document(ids[None].expand(B, n).clone())]
+    if padded:
+        parts.append(fm.padding(torch.randint(0, n + 1, (B,), generator=g)))
+    among = parts[0] if len(parts) == 1 else parts[0] & parts[1]
+    mask = fm.topk(s, k, among=among)
+    low = lowering(Layout(B, Hs, n, n, torch.device("cpu"), Hs))
+    assert mask._offers(low) & Offers.TOKEN_ENDS and not mask._offers(low) & Offers.TOKEN_LAYOUT
+    ends = mask._token_ends(low).long()  # [B, Hs, n]
+    i, j = torch.arange(n).view(-1, 1), torch.arange(n).view(1, -1)
+    rule = (j <= i) & (i < ends[:, :, None, :])
+    assert torch.equal(rule, mask.to_dense(n, n, batch=B, heads=Hs))

@@ -185,7 +185,7 @@ class TopK(_ContentMask):
         return self.scores.shape[-1]
 
     def _offers(self, low):
-        return Offers.GATHER_DECODE | (Offers.TOKEN_LAYOUT if self.among is None else Offers.NONE)
+        return Offers.GATHER_DECODE | Offers.TOKEN_ENDS | (Offers.TOKEN_LAYOUT if self.among is None else Offers.NONE)
 
     def _token_scores_shape(self) -> torch.Size:
         """(Offers.TOKEN_LAYOUT) the shape of the scores its layout is built from."""
@@ -196,8 +196,12 @@ class TopK(_ContentMask):
         return token_layout(self.scores, self.k, low.layout, graphed)
 
     def _token_ends(self, low: Lowering) -> torch.Tensor:
-        """(Offers.TOKEN_LAYOUT) the interval ends of its selection (:meth:`interval_ends`), built by
-        a CUDA-graph replay on CUDA with option ``graphed_build``."""
+        """(Offers.TOKEN_ENDS) ends ``e`` ``[B, Hs, KV]`` int32 with which the whole mask is
+        ``j <= i < e[j]``: :meth:`interval_ends` with ``among`` folded in (a key's run of queries
+        stops at its document's end; a padded key keeps none). Without ``among``, on CUDA with
+        option ``graphed_build``, built by a CUDA-graph replay."""
+        if self.among is not None:
+            return selection.fold_among(self.interval_ends(low), self._ids, self._lengths)
         if low.options.graphed_build and low.layout.device.type == "cuda":
             scores = self.scores.detach().to(low.layout.device)
             return selection.graphed_topk_ends(scores, key=(self.k, low.layout))[0]

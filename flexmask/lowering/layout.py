@@ -83,6 +83,10 @@ class Offers:
     #: For one decoding query, a content factor can name the few positions it may keep
     #: (``_gather_factor``/``_decode_gather``): the call attends to those only.
     GATHER_DECODE = 8
+    #: The whole mask (its ``among`` included) is the interval rule ``j <= i < e_j`` of one end per
+    #: key (``_token_ends``): what the in-place token kernels read (``fm.topk``, also among
+    #: documents and padding).
+    TOKEN_ENDS = 16
 
 
 @dataclass

@@ -25,7 +25,8 @@ class Plan:
         kind: which backend runs it: ``"reference"`` (exact chunked PyTorch), ``"flex"`` (compiled
             FlexAttention), ``"key_bias"`` (flex with a per-key bias whose gradient is computed
             without atomics), ``"token_layout"`` (flex over the key layout of a lone ``fm.topk``),
-            ``"token_gather"`` (a lone ``fm.topk`` read in place by a Triton kernel) or
+            ``"token_gather"`` (a lone ``fm.topk``, also among documents and padding, read in place
+            by a Triton kernel) or
             ``"gather"`` (one decoding query attends to the keys its content selection gathered).
         layout: the call's shapes and device.
         options: the options in effect.

@@ -7,8 +7,9 @@ chooses:
 * ``gather`` for one decoding query under a content mask (or an ``&`` with one), unless the
   options ask for the reference (option ``gather_decode``);
 * ``reference`` when the options say so (``backend="reference"``, or ``"auto"`` off CUDA);
-* ``token_layout`` for a mask offering a token layout (a lone ``fm.topk``), self-attention, no
-  softcap, and at most a per-key bias shaped like its scores (option ``token_layout``);
+* ``token_gather`` (on CUDA, option ``token_kernel``) or ``token_layout`` for a lone ``fm.topk``
+  (``token_gather`` also among documents and padding), self-attention, no softcap, and at most a
+  per-key bias shaped like its scores (option ``token_layout``);
 * ``key_bias`` for a lone per-key bias that needs a gradient on CUDA, eagerly (option ``key_bias_grad``);
 * ``flex`` otherwise.
 
@@ -65,22 +66,24 @@ def lower(mask: Any, bias: Any, *, layout: Layout, options: Resolved, scale: flo
 
     offers = Offers.NONE if mask is None else mask._offers(low)
     t = None if bias is None else bias._key_bias()
-    if offers & Offers.TOKEN_LAYOUT and options.token_layout and softcap is None and layout.q_len == layout.kv_len:
+    token_offers = Offers.TOKEN_LAYOUT | Offers.TOKEN_ENDS
+    if offers & token_offers and options.token_layout and softcap is None and layout.q_len == layout.kv_len:
         scores_shape = mask._token_scores_shape()
         if scores_shape[1] in (1, layout.kv_heads) and (
             bias is None or (t is not None and t.shape[1:] == scores_shape[1:])
         ):
-            if options.token_kernel == "gather" and layout.device.type == "cuda":
+            if options.token_kernel == "gather" and layout.device.type == "cuda" and offers & Offers.TOKEN_ENDS:
                 ends = lowered((mask,), ("token_ends", layout), lambda: mask._token_ends(low), enabled=options.cache)
                 return Plan("token_gather", token_ends=(ends, mask.k), key_bias=t, **common)
-            graphed = options.graphed_build and layout.device.type == "cuda"
-            token = lowered(
-                (mask,),
-                ("token_layout", layout, graphed),
-                lambda: mask._token_layout(low, graphed),
-                enabled=options.cache,
-            )
-            return Plan("token_layout", token=token, key_bias=t, **common)
+            if offers & Offers.TOKEN_LAYOUT:
+                graphed = options.graphed_build and layout.device.type == "cuda"
+                token = lowered(
+                    (mask,),
+                    ("token_layout", layout, graphed),
+                    lambda: mask._token_layout(low, graphed),
+                    enabled=options.cache,
+                )
+                return Plan("token_layout", token=token, key_bias=t, **common)
 
     block_mask = None if mask is None else lower_block_mask(mask, low, offers)
     if t is not None and softcap is None and key_bias_path(t, layout, options):

@@ -70,6 +70,24 @@ def topk_ends(s: torch.Tensor, segments: torch.Tensor | None, k: int, last_only:
     return e.to(torch.int32)
 
 
+def fold_among(ends: torch.Tensor, ids: torch.Tensor | None, lengths: torch.Tensor | None) -> torch.Tensor:
+    """Interval ends ``[B, Hs, N]`` of a top-k among documents and/or padding (ranked with their
+    segments and lengths, :func:`topk_ends`) with the ``among`` mask folded in: query ``i`` keeps key
+    ``j`` under ``topk(..., among=...)`` iff ``j <= i < e'[j]``, where ``e'`` stops at the end of
+    ``j``'s document (later queries are of other documents) and is ``j`` for a padded key."""
+    b, _, n = ends.shape
+    positions = torch.arange(n, device=ends.device)
+    if ids is not None:  # documents are contiguous (checked when the mask is made)
+        ids = ids.to(ends.device).expand(b, n)
+        segments = F.pad(cumsum(ids[:, 1:] != ids[:, :-1], -1), (1, 0))
+        doc_end = torch.searchsorted(segments, segments, right=True)  # first position of the next document
+        ends = torch.minimum(ends, doc_end[:, None, :].to(ends.dtype))
+    if lengths is not None:
+        valid = positions < lengths.to(ends.device).view(-1, 1, 1)
+        ends = torch.where(valid, ends, positions.to(ends.dtype))
+    return ends
+
+
 def topk_states(ends: torch.Tensor, heads: int, qr: BlockRanges, kr: BlockRanges) -> tuple[torch.Tensor, torch.Tensor]:
     """``(any, all)`` block maps of the interval mask ``j <= i < ends[j]`` (``ends`` ``[B, Hs, KV]``)."""
     e_min, e_max = interval_extents(ends, kr.size)
