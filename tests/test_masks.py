@@ -587,7 +587,13 @@ def test_dropping_an_implied_causal_factor_changes_nothing(spec, shape, tokens, 
     s = torch.from_numpy(np.random.default_rng(seed).standard_normal((B, 1, KV)))
     sel = fm.topk(s, 5) if tokens else fm.topk_blocks(s, 1, block_size=8)
     causal = fm.causal()
-    for expr in (causal & sel, sel & causal, causal & (m & causal), (causal & sel) & m, m):
+    ids = torch.from_numpy(np.sort(np.random.default_rng(seed + 1).integers(0, 3, (B, KV)), axis=1))
+    docs = fm.document(ids)
+    packed = fm.topk(s, 5, among=fm.document(ids))  # the same ids tensor: implies `docs`
+    for expr in (causal & sel, sel & causal, causal & (m & causal), (causal & sel) & m, m, causal & docs & packed):
         essential = expr._essential()
         np.testing.assert_array_equal(dense(essential, B, Q, KV), dense(expr, B, Q, KV))
     assert (causal & sel)._essential() is sel
+    assert ((causal & docs) & packed)._essential() is packed  # how fm.hf meets packed sequences
+    other = fm.document(ids.clone())  # equal ids, another tensor: not known to be implied
+    assert (other & packed)._essential() is not packed

@@ -98,8 +98,13 @@ class _ContentMask(Mask):
     def _gather_factor(self):
         return self
 
-    def _implies_causal(self):
-        return True  # a query keeps keys at or before it only
+    def _implies(self, other):
+        # a query keeps keys at or before it only, and only keys its ``among`` keeps
+        return (
+            isinstance(other, Causal)
+            or (isinstance(other, Document) and other.ids is self._ids)
+            or (isinstance(other, Padding) and other.lengths is self._lengths)
+        )
 
     def _blocks_say_little(self):
         return True

@@ -96,8 +96,9 @@ class Mask:
         """Whether its ``mask_mod`` depends on the call's lengths beyond what its tensors fix."""
         return any(child._needs_lengths() for child in self._children())
 
-    def _implies_causal(self) -> bool:
-        """Whether every pair it keeps has ``kv_idx <= q_idx`` (so ``& fm.causal()`` changes nothing)."""
+    def _implies(self, other: Mask) -> bool:
+        """Whether every pair it keeps is kept by ``other`` too (so ``& other`` changes nothing);
+        ``False`` when unknown."""
         return False
 
     def _essential(self) -> Mask:
@@ -258,8 +259,8 @@ class Full(Mask):
 
 
 class Causal(Mask):
-    def _implies_causal(self):
-        return True
+    def _implies(self, other):
+        return isinstance(other, Causal)
 
     def _mask_mod(self, low):
         def causal(b, h, q_idx, kv_idx):
@@ -555,13 +556,14 @@ class _Combined(Mask):
 class And(_Combined):
     _precedence = 2
 
-    def _implies_causal(self):
-        return any(part._implies_causal() for part in self.parts)
+    def _implies(self, other):
+        return any(part._implies(other) for part in self.parts)
 
     def _essential(self):
-        parts = [part._essential() for part in self.parts]
-        redundant = [isinstance(p, Causal) and any(o._implies_causal() for o in parts if o is not p) for p in parts]
-        kept = [p for p, r in zip(parts, redundant, strict=True) if not r]
+        kept: list[Mask] = []
+        for f in _factors(self):
+            if not any(o._implies(f) for o in kept):  # (of factors that imply each other, the first stays)
+                kept = [o for o in kept if not f._implies(o)] + [f]
         return kept[0] if len(kept) == 1 else self  # (no new object: lowered masks are cached by identity)
 
     def _gather_factor(self):
@@ -774,3 +776,10 @@ def tensors_of(m: Mask) -> Iterator[torch.Tensor]:
             yield value
     for child in m._children():
         yield from tensors_of(child)
+
+
+def _factors(m: Mask) -> list[Mask]:
+    """The factors of a tree of ``&`` (each simplified), in order."""
+    if isinstance(m, And):
+        return [f for part in m.parts for f in _factors(part)]
+    return [m._essential()]
