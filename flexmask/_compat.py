@@ -91,14 +91,14 @@ def mark_static_address(t: torch.Tensor) -> None:
 _SPLIT_SCAN_FUSION_BROKEN = torch.torch_version.TorchVersion(torch.__version__) < (2, 13)
 
 
+_SCAN_CHUNK = 1024
+
+
 @torch.library.custom_op("flexmask::cumsum", mutates_args=())
 def _unfused_cumsum(x: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
     if dtype.is_floating_point or x.shape[dim] <= 2 * _SCAN_CHUNK:
         return torch.cumsum(x.contiguous(), dim, dtype=dtype)  # contiguous, whatever the input's strides
     return _chunked_cumsum(x, dim, dtype)
-
-
-_SCAN_CHUNK = 1024
 
 
 def _chunked_cumsum(x: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:

@@ -36,20 +36,30 @@ def _terms_eager(
     """At the gathered positions ``[B, Hs, S]`` (``Hs`` dividing ``heads``), per query head:
     ``keep`` ``[B, Hq, S]`` (the selection's ``valid`` and the ``mask_mod``) and the additive bias
     ``score_mod(0)`` ``[B, Hq, S]`` in ``dtype`` (``None`` without one)."""
-    B, hs, S = positions.shape[0], positions.shape[1], positions.shape[-1]
-    dev = positions.device
-    kv_idx = positions.repeat_interleave(heads // hs, 1)[:, :, None, :]  # [B, Hq, 1, S]
-    keep = valid.repeat_interleave(heads // hs, 1)[:, :, None, :]
-    b = torch.arange(B, device=dev).view(-1, 1, 1, 1)
-    h = torch.arange(heads, device=dev).view(1, -1, 1, 1)
-    q_idx = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=dev)  # call-local: the one query
-    if mask_mod is not None:
-        keep = keep & mask_mod(b, h, q_idx, kv_idx)
+    B, S = positions.shape[0], positions.shape[-1]
+    grid, keep = _per_query_head(positions, valid, heads, mask_mod)
     keep = keep.expand(B, heads, 1, S)[:, :, 0]
     if score_mod is None:
         return keep, None
-    zero = torch.zeros(B, heads, 1, S, device=dev, dtype=dtype)
-    return keep, score_mod(zero, b, h, q_idx, kv_idx).to(dtype).expand(B, heads, 1, S)[:, :, 0]
+    zero = torch.zeros(B, heads, 1, S, device=positions.device, dtype=dtype)
+    return keep, score_mod(zero, *grid).to(dtype).expand(B, heads, 1, S)[:, :, 0]
+
+
+def _per_query_head(positions, valid, heads: int, mask_mod) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """At the gathered positions ``[B, Hs, S]`` (``Hs`` dividing ``heads``): the index grid the mask
+    and score functions take, ``(b, h, q_idx, kv_idx)`` (``kv_idx`` ``[B, Hq, 1, S]``, ``q_idx``
+    call-local: the one query), and ``keep`` ``[B, Hq, 1, S]``, the selection's ``valid`` and the
+    ``mask_mod``."""
+    B, hs = positions.shape[0], positions.shape[1]
+    dev = positions.device
+    kv_idx = positions.repeat_interleave(heads // hs, 1)[:, :, None, :]
+    keep = valid.repeat_interleave(heads // hs, 1)[:, :, None, :]
+    b = torch.arange(B, device=dev).view(-1, 1, 1, 1)
+    h = torch.arange(heads, device=dev).view(1, -1, 1, 1)
+    q_idx = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=dev)
+    if mask_mod is not None:
+        keep = keep & mask_mod(b, h, q_idx, kv_idx)
+    return (b, h, q_idx, kv_idx), keep
 
 
 # a few elementwise kernels on CUDA (the mask and bias at the gathered positions); automatic dynamic shapes
@@ -78,8 +88,6 @@ def _attend_eager(q, k, v, positions, valid, scale: float, score_mod, mask_mod) 
             ks = k.reshape(B * Hkv * L, D).index_select(0, rows).view(B, Hkv, S, D)
             vs = v.reshape(B * Hkv * L, Dv).index_select(0, rows).view(B, Hkv, S, Dv)
         scores = _dots(q.view(B, Hkv, group, D), ks, compute).view(B, Hq, 1, S)
-        kv_idx = positions.repeat_interleave(group, 1)[:, :, None, :]
-        keep = valid.repeat_interleave(group, 1)[:, :, None, :]
     else:  # one selection per query head
         kv_head = torch.arange(Hq, device=dev) // group
         base = (torch.arange(B, device=dev).view(B, 1, 1) * Hkv + kv_head.view(1, Hq, 1)) * L
@@ -87,15 +95,10 @@ def _attend_eager(q, k, v, positions, valid, scale: float, score_mod, mask_mod) 
         ks = k.reshape(B * Hkv * L, D).index_select(0, rows).view(B, Hq, S, D)
         vs = v.reshape(B * Hkv * L, Dv).index_select(0, rows).view(B, Hq, S, Dv)
         scores = _dots(q, ks, compute)  # [B, Hq, 1, S]
-        kv_idx, keep = positions[:, :, None, :], valid[:, :, None, :]
+    grid, keep = _per_query_head(positions, valid, Hq, mask_mod)
     scores = scores * scale
-    b = torch.arange(B, device=dev).view(-1, 1, 1, 1)
-    h = torch.arange(Hq, device=dev).view(1, -1, 1, 1)
-    q_idx = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=dev)  # call-local: the one query
     if score_mod is not None:
-        scores = score_mod(scores, b, h, q_idx, kv_idx).to(compute)
-    if mask_mod is not None:
-        keep = keep & mask_mod(b, h, q_idx, kv_idx)
+        scores = score_mod(scores, *grid).to(compute)
     scores = scores.masked_fill(~keep, float("-inf"))
     alive = keep.any(-1, keepdim=True)
     p = torch.softmax(torch.where(alive, scores, torch.zeros_like(scores)), dim=-1) * alive

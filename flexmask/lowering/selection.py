@@ -50,9 +50,14 @@ def key_candidates(
         s = s.masked_fill(torch.arange(s.shape[-1], device=device) >= lengths, float("-inf"))
     segments = None
     if ids is not None:
-        ids = ids.to(device).expand(batch, ids.shape[-1])
-        segments = F.pad(cumsum(ids[:, 1:] != ids[:, :-1], -1), (1, 0))[:, None].expand_as(s)
+        segments = segment_numbers(ids.to(device).expand(batch, ids.shape[-1]))[:, None].expand_as(s)
     return s, segments
+
+
+def segment_numbers(ids: torch.Tensor) -> torch.Tensor:
+    """``[B, N]``: for packed document ids ``[B, N]``, each position's document counted from 0 along
+    the row (nondecreasing)."""
+    return F.pad(cumsum(ids[:, 1:] != ids[:, :-1], -1), (1, 0))
 
 
 def topk_ends(s: torch.Tensor, segments: torch.Tensor | None, k: int, last_only: bool = False) -> torch.Tensor:
@@ -78,8 +83,7 @@ def fold_among(ends: torch.Tensor, ids: torch.Tensor | None, lengths: torch.Tens
     b, _, n = ends.shape
     positions = torch.arange(n, device=ends.device)
     if ids is not None:  # documents are contiguous (checked when the mask is made)
-        ids = ids.to(ends.device).expand(b, n)
-        segments = F.pad(cumsum(ids[:, 1:] != ids[:, :-1], -1), (1, 0))
+        segments = segment_numbers(ids.to(ends.device).expand(b, n))
         doc_end = torch.searchsorted(segments, segments, right=True)  # first position of the next document
         ends = torch.minimum(ends, doc_end[:, None, :].to(ends.dtype))
     if lengths is not None:
