@@ -79,6 +79,7 @@ def test_kernels_match_float64(G, with_add, gen):
     want = gathered_attention(q.double(), k.double(), v.double(), positions, keep, add, 0.25)
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
     assert torch.equal(out[1, -1], torch.zeros_like(out[1, -1]))
+    torch.library.opcheck(kernel._gathered_decode_op, (q, k, v, positions, keep, add, 0.25))  # what compile sees
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="interpreted kernels are not compiled")

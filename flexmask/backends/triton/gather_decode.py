@@ -92,9 +92,7 @@ if triton is not None:
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor | None) -> bool:
     """Whether the kernels run these inputs: CUDA with Triton, float16/bfloat16, head dims that are
     powers of two from 16 to 256, one gathered list per KV head (``positions`` ``[B, 1|Hkv, S]``),
-    no gradient to compute (decoding), and not inside ``torch.compile`` (a compiled decoding step,
-    such as transformers' ``generate`` with a static cache, still runs the PyTorch path: the kernel
-    is not yet tested on a GPU inside a compiled graph)."""
+    and no gradient to compute (decoding)."""
     d, dv = q.shape[-1], v.shape[-1]
     return (
         triton is not None
@@ -105,11 +103,25 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.
         and all(16 <= x <= 256 and x & (x - 1) == 0 for x in (d, dv))
         and positions.shape[1] in (1, k.shape[1])
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
-        and not torch.compiler.is_compiling()
     )
 
 
 def gathered_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    keep: torch.Tensor,
+    add: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """:func:`decode`, as the custom op ``flexmask::gathered_decode`` under ``torch.compile`` (which
+    keeps it whole) and called directly otherwise (an eager step pays no op dispatch)."""
+    op = _gathered_decode_op if torch.compiler.is_compiling() else decode
+    return op(q, k, v, positions, keep, add, scale)
+
+
+def decode(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -155,3 +167,11 @@ def gathered_decode(
     out = torch.empty(B, Hq, 1, Dv, device=q.device, dtype=q.dtype)
     _merge[(B * Hq,)](m, l_sum, acc, out, splits, G=G, DV=Dv, SP=max(2, triton.next_power_of_2(splits)))
     return out
+
+
+_gathered_decode_op = torch.library.custom_op("flexmask::gathered_decode", decode, mutates_args=())
+
+
+@_gathered_decode_op.register_fake
+def _(q, k, v, positions, keep, add, scale):
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
