@@ -643,13 +643,15 @@ def test_gpu_dma_token_model_trains_through_the_in_place_kernel(monkeypatch):
     assert len(calls) == 2  # one call per layer
     for layer in model.model.layers:
         layer.compile()
-    # The gates A get their gradient only through the bf16 bias gradient summed over every key, whose
-    # terms cancel (|dA| ~ 1e-6 here): bf16 rounding moves it by ~25% between two exact kernels
-    # (H200 run: 0.24), so A gets a looser bound; every other parameter 5%.
+    # The gates A and dt_proj's bias get their gradient only as the bf16 bias gradient summed over
+    # every key, whose terms cancel (|grad| ~ 1e-6 .. 1e-5 here): bf16 rounding moves the sum by 15-25%
+    # between two exact kernels (H200 runs: A 0.24, dt_proj.bias 0.15), so those two get a looser
+    # bound; every other parameter 5%. The bias gradient itself is checked against float64 in
+    # tests/test_gpu_token_gather.py.
     for loss, grads in (eager, step()):
         assert abs(loss.item() - ref_loss.item()) < 2e-2
         for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads, strict=True):
-            bound = 0.5 if name.endswith(".A") else 5e-2
+            bound = 0.5 if name.endswith((".A", ".dt_proj.bias")) else 5e-2
             assert ((g - r).norm() / r.norm().clamp_min(1e-12)).item() < bound, name
 
 

@@ -209,7 +209,7 @@ class TopK(_ContentMask):
             return selection.fold_among(self.interval_ends(low), self._ids, self._lengths)
         if low.options.graphed_build and low.layout.device.type == "cuda":
             scores = self.scores.detach().to(low.layout.device)
-            return selection.graphed_topk_ends(scores, key=(self.k, low.layout))[0]
+            return selection.graphed_ends(scores, self.k, low.layout.batch)
         return self.interval_ends(low)
 
     def _decode_gather(self, low: Lowering) -> Gathered:

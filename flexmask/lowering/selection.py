@@ -172,13 +172,28 @@ self-attention: a pool of ~0.3 GB)."""
 
 
 def _topk_ends_tensors(scores: torch.Tensor, key: tuple) -> tuple[torch.Tensor]:
-    """``(ends,)``: the interval ends of ``topk(scores, k)`` (no ``among``) over ``layout``, int32,
-    for ``key = (k, layout)``: what :data:`graphed_topk_ends` replays."""
-    k, layout = key
-    s, _ = key_candidates(scores, layout)
+    """``(ends,)``: the interval ends of ``topk(scores, k)`` (no ``among``) for ``key = (k, batch)``,
+    int32 ``[batch, Hs, N]``: what :data:`graphed_topk_ends` replays."""
+    k, batch = key
+    s, _ = key_candidates(scores, (batch, scores.device))
     return (topk_ends(s, None, k),)
 
 
 #: the token selection's interval ends replayed from a CUDA graph: its few dozen small kernels
 #: (ranks, the wavelet levels, the searches) cost more to launch than to run
 graphed_topk_ends = CudaGraphed(_topk_ends_tensors)
+
+
+@torch.library.custom_op("flexmask::graphed_topk_ends", mutates_args=())
+def graphed_ends(scores: torch.Tensor, k: int, batch: int) -> torch.Tensor:
+    """Interval ends ``[batch, Hs, N]`` int32 of ``topk(scores, k)`` (no ``among``) from
+    :data:`graphed_topk_ends`, as an op ``torch.compile`` keeps whole: a compiled model replays the
+    build from a CUDA graph as an eager one does, instead of launching its kernels one by one (on
+    torch < 2.13 each wavelet level's scan is an op of its own, about 0.2 ms of host time).
+    ``scores`` ``[batch|1, Hs, N]`` on the device of the call."""
+    return graphed_topk_ends(scores, key=(k, batch))[0]
+
+
+@graphed_ends.register_fake
+def _(scores: torch.Tensor, k: int, batch: int) -> torch.Tensor:
+    return scores.new_empty(batch, *scores.shape[1:], dtype=torch.int32)
