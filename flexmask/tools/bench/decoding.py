@@ -41,6 +41,9 @@ NOTES = [
     "[B, Hkv, L] in every step (options={'cache': False}): one top-k over all L scores, then attention over the "
     "kept keys only (flexmask's gather plan). `x` columns: SDPA's time over the variant's (higher is faster).",
     "CUDA graph: the whole step (selection included) captured once and replayed; eager: Python and launches included.",
+    "dynamo is reset before each (L, batch): the selection compiles for that shape, as in a decoding step over a "
+    "static cache. A cache that grows by one key per step runs the dynamic-shape compilation instead (block "
+    "selection at L=128k on an H200: 21.6 against 15.5 us).",
 ]
 TINY = {
     "--lengths": parse_lengths("256,512"),
@@ -128,6 +131,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> Report:
     rows = report.section(f"Decoding step, Hq={args.heads}, Hkv={args.kv_heads}", COLUMNS, NOTES)
     for L in args.lengths:
         for B in args.batches:
+            torch._dynamo.reset()  # a fresh compile per shape (not the dynamic one a second shape triggers)
             _one(env, args, L, B, rows, graphs, report)
             env.runner.cleanup()
     return finish(report, env.runner)
