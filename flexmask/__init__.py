@@ -19,7 +19,18 @@ from typing import Any
 
 from .algebra.bias import Bias, alibi, head_bias, key_bias, relative_bias, tensor_bias
 from .algebra.content import topk, topk_blocks
-from .algebra.masks import Mask, causal, chunked, document, full, mask, padding, prefix_lm, sliding_window
+from .algebra.masks import (
+    Mask,
+    causal,
+    chunked,
+    document,
+    full,
+    key_mask,
+    mask,
+    padding,
+    prefix_lm,
+    sliding_window,
+)
 from .dma import DMAConfig, DynamicMaskAttention, dynamic_bias
 from .functional import attention
 from .integrations.sdpa import route_sdpa
@@ -68,6 +79,7 @@ __all__ = [
     "full",
     "head_bias",
     "key_bias",
+    "key_mask",
     "mask",
     "options",
     "options_in_effect",

@@ -51,7 +51,7 @@ def heads_to(t: torch.Tensor, hq: int) -> torch.Tensor:
     return t.repeat_interleave(hq // t.shape[1], 1)
 
 
-def brute_topk(scores: torch.Tensor, k: int, lengths=None, ids=None) -> torch.Tensor:
+def brute_topk(scores: torch.Tensor, k: int, lengths=None, ids=None, valid=None) -> torch.Tensor:
     """Dense ``[B, Hs, N, N]`` keep map of prefix top-k, by sorting the candidates of every query."""
     B, Hs, N = scores.shape
     keep = torch.zeros(B, Hs, N, N, dtype=torch.bool)
@@ -62,7 +62,9 @@ def brute_topk(scores: torch.Tensor, k: int, lengths=None, ids=None) -> torch.Te
                 cand = [
                     j
                     for j in range(i + 1)
-                    if (lengths is None or j < lengths[b]) and (ids is None or ids[b][j] == ids[b][i])
+                    if (lengths is None or j < lengths[b])
+                    and (ids is None or ids[b][j] == ids[b][i])
+                    and (valid is None or bool(valid[b][j]))
                 ]
                 cand.sort(key=lambda j: (s[j], j), reverse=True)
                 for j in cand[:k]:

@@ -74,9 +74,16 @@ def test_decode_among_padding_and_documents_and_other_factors(gen):
     i, j = torch.arange(L).view(-1, 1), torch.arange(L).view(1, -1)
     same_doc = ids[:, None, :, None] == ids[:, None, None, :]
     valid = j < lengths.view(-1, 1, 1, 1)
+    keys = torch.rand(B, L, generator=gen) < 0.6  # a key mask with holes
+    keys[0, :50] = False  # and left padding
     cases = [
         (fm.topk(s, 40, among=fm.padding(lengths)), brute_topk(s, 40, lengths=lengths.tolist()) & valid),
         (fm.topk(s, 40, among=fm.document(ids)), brute_topk(s, 40, ids=ids.tolist()) & same_doc),
+        (fm.topk(s, 40, among=fm.key_mask(keys)), brute_topk(s, 40, valid=keys) & keys[:, None, None, :]),
+        (  # blocks of 32 among a key mask: a block's score is its best valid key's; only valid keys kept
+            fm.topk_blocks(s, 3, block_size=32, among=fm.key_mask(keys)),
+            brute_topk_blocks(s.masked_fill(~keys[:, None], float("-inf")), 3, 32) & keys[:, None, None, :],
+        ),
         (fm.sliding_window(100) & fm.topk(s, 40), brute_topk(s, 40) & (j > i - 100)),
         (fm.topk(s, 40) & fm.prefix_lm(10) & ~fm.chunked(37), brute_topk(s, 40) & (i // 37 != j // 37)),
     ]

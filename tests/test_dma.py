@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -42,6 +43,30 @@ def test_topk_among_padding_and_documents(n, k, seed):
     assert torch.equal(got, brute_topk(scores, k, lengths=lengths.tolist()))
     got = fm.topk(scores, k, among=fm.document(ids) & fm.padding(lengths)).to_dense(n, n)
     assert torch.equal(got, brute_topk(scores, k, lengths=lengths.tolist(), ids=ids.tolist()))
+    valid = torch.rand(2, n, generator=g) < 0.7  # any pattern: left padding, holes
+    got = fm.topk(scores, k, among=fm.key_mask(valid)).to_dense(n, n)
+    assert torch.equal(got, brute_topk(scores, k, valid=valid))
+    got = fm.topk(scores, k, among=fm.document(ids) & fm.key_mask(valid)).to_dense(n, n)
+    assert torch.equal(got, brute_topk(scores, k, ids=ids.tolist(), valid=valid))
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(2, 40), k=st.integers(1, 6), bs=st.sampled_from([2, 3, 4]), seed=st.integers(0, 2**31 - 1))
+def test_topk_blocks_among_a_key_mask(n, k, bs, seed):
+    """Block top-k among ``fm.key_mask(valid)``: a block's score is its best valid key's, blocks with
+    no valid key don't compete, and the result keeps valid keys only (per-key and per-block scores)."""
+    g = torch.Generator().manual_seed(seed)
+    valid = torch.rand(2, n, generator=g) < 0.6
+    keys = valid[:, None, None, :]
+    per_key = torch.randint(0, 4, (2, 1, n), generator=g).float()
+    got = fm.topk_blocks(per_key, k, block_size=bs, among=fm.key_mask(valid)).to_dense(n, n)
+    assert torch.equal(got, brute_topk_blocks(per_key.masked_fill(~valid[:, None], float("-inf")), k, bs) & keys)
+    nb = -(-n // bs)
+    per_block = torch.randint(0, 4, (2, 1, nb), generator=g).float()
+    block_valid = F.pad(valid, (0, nb * bs - n)).view(2, nb, bs).any(-1)
+    want = per_block.masked_fill(~block_valid[:, None], float("-inf")).repeat_interleave(bs, -1)[..., :n]
+    got = fm.topk_blocks(per_block, k, block_size=bs, among=fm.key_mask(valid)).to_dense(n, n)
+    assert torch.equal(got, brute_topk_blocks(want, k, bs) & keys)
 
 
 def test_topk_edge_cases_and_head_broadcast():

@@ -65,10 +65,12 @@ def test_token_gather_under_torch_compile_matches_eager_and_new_scores_do_not_re
     assert graphs[0] >= 1 and graphs[1:] == [graphs[0]] * 2, graphs
 
 
-def test_token_gather_among_documents_and_padding_matches_float64_on_gpu(monkeypatch):
+@pytest.mark.parametrize("keys", ["lengths", "key_mask"])
+def test_token_gather_among_documents_and_padding_matches_float64_on_gpu(keys, monkeypatch):
     """``fm.topk(s, w, among=document & padding)`` takes the in-place kernel (its ends fold the
     documents and the padding in): output and every gradient against float64 over the mask's dense
-    truth (packed documents, padding, GQA, batch 2)."""
+    truth (packed documents, GQA, batch 2; padding as lengths, or a key mask with left padding and
+    holes, as ``fm.hf`` builds for padded batches)."""
     from flexmask.backends import token_gather
 
     from ._reference import ref_attention
@@ -81,7 +83,13 @@ def test_token_gather_among_documents_and_padding_matches_float64_on_gpu(monkeyp
     q, k, v = (torch.randn(B, h, N, D, generator=g).cuda().bfloat16().requires_grad_() for h in (Hq, Hkv, Hkv))
     s = torch.randn(B, Hkv, N, generator=g).cuda().requires_grad_()
     ids = torch.repeat_interleave(torch.arange(3), torch.tensor([400, 700, 400]))[None].expand(B, N).cuda()
-    mask = fm.topk(s, w, among=fm.document(ids) & fm.padding(torch.tensor([N, 1200], device="cuda")))
+    if keys == "lengths":
+        padding = fm.padding(torch.tensor([N, 1200], device="cuda"))
+    else:
+        valid = torch.rand(B, N, generator=g) < 0.9
+        valid[1, :150] = False
+        padding = fm.key_mask(valid.cuda())
+    mask = fm.topk(s, w, among=fm.document(ids) & padding)
     out = fm.attention(q, k, v, mask=mask, bias=fm.key_bias(s), options={"cache": False})
     assert calls
     keep = mask.to_dense(N, N, batch=B, heads=Hkv).repeat_interleave(Hq // Hkv, 1).cpu()

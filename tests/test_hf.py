@@ -266,6 +266,35 @@ def test_key_mask_blocks_match_dense():
 
 
 @needs_topk
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_padded_dma_layers_plan_the_selection_alone(padding, gen, monkeypatch):
+    """A ``to_dma`` model on a padded batch: the top-k ranks among the real keys (its ``among`` holds
+    the padding mask's tensor), so the layer's ``causal & key_mask & topk`` plans as the top-k alone,
+    which on CUDA takes the in-place token kernels. The logits equal those of the whole ``&``
+    lowered as written (every row, padded ones included)."""
+    from flexmask.algebra.content import TopK
+    from flexmask.algebra.masks import And
+    from flexmask.integrations import hf as hf_module
+
+    seen = []
+    real = hf_module.attention
+    monkeypatch.setattr(hf_module, "attention", lambda *a, **kw: seen.append(kw["mask"]) or real(*a, **kw))
+    model = llama(torch.float64)
+    fm.hf.to_dma(model, keep_window=4)
+    for layer in model.model.layers:  # nonzero gates: a real content selection
+        layer.self_attn.A.data.normal_(generator=gen)
+    ids = distinct_tokens(2, 20, gen)
+    am = left_padding(2, 20, 5) if padding == "left" else left_padding(2, 20, 5).flip(-1)
+    with torch.no_grad():
+        out = model(ids, attention_mask=am).logits
+        assert len(seen) == len(model.model.layers)
+        assert all(isinstance(mask, And) and isinstance(mask._essential(), TopK) for mask in seen)
+        monkeypatch.setattr(And, "_essential", lambda self: self)  # every factor lowered
+        whole = model(ids, attention_mask=am).logits
+    close(out, whole, torch.float64)
+
+
+@needs_topk
 @pytest.mark.parametrize("case", ["plain", "left-padding", "packed"])
 def test_doge_matches_transformers(case, gen):
     model = doge(keep_window=5, gen=gen)

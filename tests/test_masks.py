@@ -597,3 +597,9 @@ def test_dropping_an_implied_causal_factor_changes_nothing(spec, shape, tokens, 
     assert ((causal & docs) & packed)._essential() is packed  # how fm.hf meets packed sequences
     other = fm.document(ids.clone())  # equal ids, another tensor: not known to be implied
     assert (other & packed)._essential() is not packed
+    valid = torch.from_numpy(np.random.default_rng(seed + 2).random((B, KV)) < 0.8)
+    keys = fm.key_mask(valid)
+    padded = fm.topk(s, 5, among=fm.document(ids) & fm.key_mask(valid))  # how fm.hf meets padding
+    expr = causal & keys & padded
+    np.testing.assert_array_equal(dense(expr._essential(), B, Q, KV), dense(expr, B, Q, KV))
+    assert expr._essential() is padded

@@ -430,9 +430,10 @@ def test_graphed_ends_op_gives_the_interval_ends_of_brute_force_topk(gen):
     k=st.integers(1, 12),
     cuts=st.lists(st.integers(1, 69), max_size=4),
     padded=st.booleans(),
+    keyed=st.booleans(),
     seed=st.integers(0, 2**32 - 1),
 )
-def test_topk_among_documents_and_padding_is_its_folded_interval_rule(n, k, cuts, padded, seed):
+def test_topk_among_documents_and_padding_is_its_folded_interval_rule(n, k, cuts, padded, keyed, seed):
     """What the in-place token kernels read for ``fm.topk(s, k, among=...)``: the interval ends with
     the documents and padding folded in give exactly the mask (ties, packed documents, padding)."""
     from flexmask.lowering.layout import Offers
@@ -445,7 +446,11 @@ def test_topk_among_documents_and_padding_is_its_folded_interval_rule(n, k, cuts
     parts = [fm.document(ids[None].expand(B, n).clone())]
     if padded:
         parts.append(fm.padding(torch.randint(0, n + 1, (B,), generator=g)))
-    among = parts[0] if len(parts) == 1 else parts[0] & parts[1]
+    if keyed:  # any pattern of valid keys, holes included
+        parts.append(fm.key_mask(torch.rand(B, n, generator=g) < 0.7))
+    among = parts[0]
+    for part in parts[1:]:
+        among = among & part
     mask = fm.topk(s, k, among=among)
     low = lowering(Layout(B, Hs, n, n, torch.device("cpu"), Hs))
     assert mask._offers(low) & Offers.TOKEN_ENDS and not mask._offers(low) & Offers.TOKEN_LAYOUT

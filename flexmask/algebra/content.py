@@ -25,34 +25,33 @@ from ..lowering.dense import classify_densely
 from ..lowering.layout import BLOCK, Layout, Lowering, Offers, cdiv, local_mask_mod
 from ..lowering.token_layout import TokenLayout, token_layout
 from ._checks import positive_int, real_tensor
-from .masks import And, Causal, Document, Mask, Padding
+from .masks import And, Causal, Document, KeyMask, Mask, Padding
 
 
-def _candidates(among: Mask | None) -> tuple[Document | None, Padding | None]:
-    """Split ``among`` into the document and padding parts top-k selection understands."""
-    docs: list[Document] = []
-    pads: list[Padding] = []
+def _candidates(among: Mask | None) -> tuple[Document | None, Padding | None, KeyMask | None]:
+    """Split ``among`` into the document, padding and key-mask parts top-k selection understands."""
+    found: dict[type, list[Mask]] = {Document: [], Padding: [], KeyMask: []}
     if among is not None:
         if not isinstance(among, Mask):
             raise TypeError(f"among must be a flexmask mask, got {type(among).__name__}")
-        _collect(among, docs, pads)
-    if len(docs) > 1 or len(pads) > 1:
-        raise ValueError(f"among may hold at most one document and one padding mask, got {among!r}")
-    return (docs[0] if docs else None), (pads[0] if pads else None)
+        _collect(among, found)
+    if any(len(parts) > 1 for parts in found.values()):
+        raise ValueError(f"among may hold at most one document, one padding and one key mask, got {among!r}")
+    documents, padding, keys = (parts[0] if parts else None for parts in found.values())
+    return documents, padding, keys
 
 
-def _collect(m: Mask, docs: list[Document], pads: list[Padding]) -> None:
+def _collect(m: Mask, found: dict[type, list[Mask]]) -> None:
     # a module-level function: a recursive closure would be a reference cycle holding the masks
     if isinstance(m, And):
         for part in m.parts:
-            _collect(part, docs, pads)
-    elif isinstance(m, Document):
-        docs.append(m)
-    elif isinstance(m, Padding):
-        pads.append(m)
+            _collect(part, found)
+    elif type(m) in found:
+        found[type(m)].append(m)
     elif not isinstance(m, Causal):
         raise ValueError(
-            f"among must be built from fm.padding(...), fm.document(...) and fm.causal() combined with `&`, got {m!r}"
+            "among must be built from fm.padding(...), fm.document(...), fm.key_mask(...) and fm.causal() "
+            f"combined with `&`, got {m!r}"
         )
 
 
@@ -76,7 +75,7 @@ class _ContentMask(Mask):
         self.scores = _check_scores(name, scores)
         self.k = positive_int("k", k)
         self.among = among
-        documents, padding = _candidates(among)
+        documents, padding, keys = _candidates(among)
         # Checked once here, not on every call; not inside torch.compile, where reading the ids would
         # break the graph (the documents flexmask.hf builds from padding are contiguous).
         if documents is not None and not torch.compiler.is_compiling():
@@ -88,6 +87,7 @@ class _ContentMask(Mask):
                 raise ValueError("top-k among documents needs each document's positions to be contiguous (packed)")
         self._ids = None if documents is None else documents.ids
         self._lengths = None if padding is None else padding.lengths
+        self._valid = None if keys is None else keys.valid
 
     def _cache_fields(self):
         return (self.scores, self.k, self.among, getattr(self, "block_size", None))
@@ -104,6 +104,7 @@ class _ContentMask(Mask):
             isinstance(other, Causal)
             or (isinstance(other, Document) and other.ids is self._ids)
             or (isinstance(other, Padding) and other.lengths is self._lengths)
+            or (isinstance(other, KeyMask) and other.valid is self._valid)
         )
 
     def _blocks_say_little(self):
@@ -176,7 +177,7 @@ class TopK(_ContentMask):
         """``e`` ``[B, Hs, KV]`` int32: query ``i`` keeps key ``j`` iff ``j <= i < e[j]`` (among aside)."""
 
         def compute():
-            s, segments = selection.key_candidates(self.scores, low.layout, self._ids, self._lengths)
+            s, segments = selection.key_candidates(self.scores, low.layout, self._ids, self._lengths, valid=self._valid)
             layout = low.layout
             last_only = layout.q_len == 1 and layout.last_query_is_last_key
             return selection.topk_ends(s, segments, self.k, last_only)
@@ -206,7 +207,7 @@ class TopK(_ContentMask):
         stops at its document's end; a padded key keeps none). Without ``among``, on CUDA with
         option ``graphed_build``, built by a CUDA-graph replay."""
         if self.among is not None:
-            return selection.fold_among(self.interval_ends(low), self._ids, self._lengths)
+            return selection.fold_among(self.interval_ends(low), self._ids, self._lengths, self._valid)
         if low.options.graphed_build and low.layout.device.type == "cuda":
             scores = self.scores.detach().to(low.layout.device)
             return selection.graphed_ends(scores, self.k, low.layout.batch)
@@ -214,7 +215,7 @@ class TopK(_ContentMask):
 
     def _decode_gather(self, low: Lowering) -> Gathered:
         """(Offers.GATHER_DECODE) the ``min(k, L)`` keys the last query keeps (see :mod:`flexmask.lowering.decode`)."""
-        return decode.topk_candidates(self.scores, self.k, low.layout, self._ids, self._lengths)
+        return decode.topk_candidates(self.scores, self.k, low.layout, self._ids, self._lengths, self._valid)
 
     def _mask_mod(self, low):
         if low.gathered_by is self:
@@ -278,7 +279,9 @@ class TopKBlocks(_ContentMask):
         return low.derive(
             self,
             "blocks",
-            lambda: selection.block_selection(self.scores, self.k, self.block_size, low.layout, lengths=self._lengths),
+            lambda: selection.block_selection(
+                self.scores, self.k, self.block_size, low.layout, lengths=self._lengths, valid=self._valid
+            ),
         )
 
     def _needs_lengths(self):
@@ -286,7 +289,9 @@ class TopKBlocks(_ContentMask):
 
     def _decode_gather(self, low: Lowering) -> Gathered:
         """(Offers.GATHER_DECODE) the positions of the blocks the last query keeps, ``valid`` where kept."""
-        return decode.topk_blocks_candidates(self.scores, self.k, self.block_size, low.layout, self._lengths)
+        return decode.topk_blocks_candidates(
+            self.scores, self.k, self.block_size, low.layout, self._lengths, self._valid
+        )
 
     def _mask_mod(self, low):
         if low.gathered_by is self:
@@ -327,8 +332,10 @@ def topk(scores: torch.Tensor, k: int, *, among: Mask | None = None) -> Mask:
         scores: ``[B, Hs, KV]``, one score per key; ``Hs`` is the query heads, the KV heads (shared
             by each query-head group) or 1.
         k: keys kept per query (all of them while fewer exist).
-        among: restricts the candidates first: ``fm.padding(lengths)``, ``fm.document(ids)``
-            (packed, contiguous documents) or both with ``&``. The result is ``among & top-k``.
+        among: restricts the candidates first: ``fm.padding(lengths)``, ``fm.key_mask(valid)``
+            (keys where ``valid`` is false never compete: left padding, for one), ``fm.document(ids)``
+            (packed, contiguous documents), or several of them with ``&``. The result is
+            ``among & top-k``.
 
     Examples:
         >>> import torch, flexmask as fm
@@ -351,8 +358,9 @@ def topk_blocks(scores: torch.Tensor, k: int, *, block_size: int = BLOCK, among:
         scores: ``[B, Hs, KV]`` per key or ``[B, Hs, ceil(KV / block_size)]`` per block.
         k: past key blocks kept per query block.
         block_size: block length (the BlockMask's, 128 by default).
-        among: ``fm.padding(lengths)`` (blocks past the length don't compete); documents restrict
-            the result but not the ranking.
+        among: ``fm.padding(lengths)`` (blocks past the length don't compete), ``fm.key_mask(valid)``
+            (blocks with no valid key don't compete; a block's score is its best valid key's);
+            documents restrict the result but not the ranking.
 
     Examples:
         >>> import torch, flexmask as fm

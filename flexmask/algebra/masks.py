@@ -711,6 +711,21 @@ def padding(lengths: torch.Tensor) -> Mask:
     return Padding(lengths)
 
 
+def key_mask(valid: torch.Tensor) -> Mask:
+    """Keys that exist: key ``j`` of row ``b`` is kept iff ``valid[b, j]``, for any padding pattern
+    (left padding, a tokenizer's ``attention_mask``); ``fm.padding(lengths)`` is the right-padded case.
+
+    Args:
+        valid: bool tensor ``[B or 1, kv_len]``.
+
+    Examples:
+        >>> import torch, flexmask as fm
+        >>> fm.key_mask(torch.tensor([[False, True, True]])).to_dense(1, 3)[0, 0].int().tolist()
+        [[0, 1, 1]]
+    """
+    return KeyMask(valid)
+
+
 def mask(fn: Callable[..., torch.Tensor], name: str | None = None) -> Mask:
     """A custom mask from a FlexAttention-style function ``(b, h, q_idx, kv_idx) -> bool``.
 

@@ -134,7 +134,10 @@ class ModelMask:
                         "DMA top-k needs each row's real tokens to be contiguous (left or right padding), "
                         "got an attention_mask with holes"
                     )
-            documents = F.pad(torch.cumsum(valid[:, 1:] != valid[:, :-1], -1), (1, 0))
+            # the padding runs as documents, and the padded keys out of the competition: ``KeyMask(valid)``
+            # of the model's mask then adds nothing (the same tensor), so the selection plans alone
+            runs = F.pad(torch.cumsum(valid[:, 1:] != valid[:, :-1], -1), (1, 0))
+            return document(runs) & KeyMask(valid)
         return None if documents is None else document(documents)
 
     def __repr__(self) -> str:
