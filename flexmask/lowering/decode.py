@@ -141,10 +141,10 @@ def _block_positions_eager(scores, k: int, block_size: int, n: int, batch: int, 
     blocks = torch.cat([top.indices, t.expand(b * hs, 1)], -1)  # + the diagonal block
     kept = torch.cat([top.values > _LOWEST, torch.ones((b * hs, 1), dtype=torch.bool, device=s.device)], -1)
     positions = blocks[..., None] * block_size + torch.arange(block_size, device=s.device)
-    valid = kept[..., None] & (positions <= query)
+    keep = kept[..., None] & (positions <= query)
     positions = positions.clamp(max=n - 1)  # (a Python bound: no host-to-device copy, graph-capturable)
     shape = (b, hs, (picked + 1) * block_size)
-    return positions.reshape(shape), valid.reshape(shape)
+    return positions.reshape(shape), keep.reshape(shape)
 
 
 # as for token selection: a dozen elementwise kernels and a small top-k become a few fused kernels
