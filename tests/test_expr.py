@@ -79,6 +79,8 @@ ACCEPTED = [
     "document(torch.zeros(1, 16, dtype=torch.long))",
     "padding(torch.tensor([10]))",
     "causal() & padding(torch.tensor([12, 7]))",
+    "causal() & key_mask(torch.tensor([[False] * 4 + [True] * 12]))",
+    "fm.topk(torch.randn(1, 1, 16), 3, among=key_mask(torch.tensor([[False, True] * 8])))",
     "sliding_window(2 * 3 + 1)",
     "sliding_window(2 ** 3)",
     "chunked(17 // 4)",

@@ -45,6 +45,7 @@ CONSTRUCTORS = (
     "prefix_lm",
     "document",
     "padding",
+    "key_mask",
     "full",
     "topk",
     "topk_blocks",
