@@ -121,6 +121,33 @@ CASES = {
         ValueError,
         r"padding lengths have batch size 3, but the inputs have batch 2",
     ),
+    # key masks
+    "key_mask_not_tensor": (lambda: fm.key_mask([[True, False]]), TypeError, r"key mask valid must be a bool tensor"),
+    "key_mask_not_bool": (
+        lambda: fm.key_mask(torch.ones(2, KV, dtype=torch.long)),
+        ValueError,
+        r"key mask valid must be a non-empty bool tensor.*int64",
+    ),
+    "key_mask_1d": (lambda: fm.key_mask(torch.ones(KV, dtype=torch.bool)), ValueError, r"\[batch, kv_len\].*\(10,\)"),
+    "key_mask_length": (
+        lambda: attend(mask=fm.key_mask(torch.ones(B, KV + 1, dtype=torch.bool))),
+        ValueError,
+        r"key mask has shape \(2, 11\), expected \[2 or 1, 10\]",
+    ),
+    "among_two_key_masks": (
+        lambda: fm.topk(
+            torch.randn(B, HKV, KV),
+            3,
+            among=fm.key_mask(torch.ones(B, KV, dtype=torch.bool)) & fm.key_mask(torch.ones(B, KV, dtype=torch.bool)),
+        ),
+        ValueError,
+        r"among may hold at most one document, one padding and one key mask",
+    ),
+    "among_other_mask": (
+        lambda: fm.topk(torch.randn(B, HKV, KV), 3, among=fm.sliding_window(4)),
+        ValueError,
+        r"among must be built from fm.padding\(...\), fm.document\(...\), fm.key_mask\(...\)",
+    ),
     "prefix_lengths_batch": (
         lambda: attend(mask=fm.prefix_lm(torch.tensor([1, 2, 3]))),
         ValueError,

@@ -452,14 +452,14 @@ class KeyMask(Mask):
     """
 
     def __init__(self, valid: torch.Tensor):
-        if not isinstance(valid, torch.Tensor) or valid.dim() != 2 or valid.dtype != torch.bool:
-            got = (
-                f"dtype {valid.dtype}, shape {tuple(valid.shape)}"
-                if isinstance(valid, torch.Tensor)
-                else type(valid).__name__
+        if not isinstance(valid, torch.Tensor):
+            raise TypeError(f"key mask valid must be a bool tensor [batch, kv_len], got {type(valid).__name__}")
+        if valid.dim() != 2 or valid.dtype != torch.bool or 0 in valid.shape:
+            raise ValueError(
+                f"key mask valid must be a non-empty bool tensor [batch, kv_len], "
+                f"got dtype {valid.dtype} and shape {tuple(valid.shape)}"
             )
-            raise ValueError(f"key mask needs a bool tensor [batch, kv_len], got {got}")
-        self.valid = real_tensor("key mask", valid)
+        self.valid = real_tensor("key mask valid", valid)
 
     def _mask_mod(self, low):
         valid = batch_expand(self.valid.to(low.layout.device), low.layout.batch)
