@@ -11,6 +11,7 @@ refused; ``--tiny`` runs in seconds on CPU (nothing compiled there unless ``--co
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -50,6 +51,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             action.type = csv_choices(VARIANTS)
             action.default = list(VARIANTS)
             action.help = f"subset of {','.join(VARIANTS)} (default all; sdpa is the reference)"
+        elif action.dest == "steps":
+            action.default = 3
+            action.help = "timed generate() calls of each length, prefill and full (medians; default 3)"
+        elif action.dest == "warmup":
+            action.default = 1
+            action.help = "untimed generate() calls before them, the first compiling the decoding step (default 1)"
     p.add_argument("--new-tokens", type=positive_int, default=128, help="tokens generated (default 128)")
 
 
@@ -77,10 +84,15 @@ def _measure(env, args, config, n: int, variant: str, compiled: bool) -> tuple[R
         sync(env.device)
         return time.perf_counter() - t0, out
 
-    generate(args.new_tokens)  # warm-up: compiles the decoding step
-    prefill, _ = generate(1)
-    total, out = generate(args.new_tokens)
-    rate = (args.new_tokens - 1) / max(total - prefill, 1e-9)
+    for _ in range(args.warmup):  # the first compiles the decoding step
+        generate(args.new_tokens)
+    prefill = statistics.median(generate(1)[0] for _ in range(args.steps))
+    runs = [generate(args.new_tokens) for _ in range(args.steps)]
+    total, out = statistics.median(t for t, _ in runs), runs[-1][1]
+    if total <= prefill:  # timing noise larger than the decoding itself (tiny CPU runs): no rate to report
+        rate: float | Note = Note(f"n/a (generate({args.new_tokens}) took no longer than the prefill)")
+    else:
+        rate = (args.new_tokens - 1) / (total - prefill)
     return {"prefill_s": prefill, "decode_tok_s": rate}, out[:, n:].cpu()
 
 
@@ -105,7 +117,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> Report:
     )
     timing = (
         "wall clock of model.generate, device synchronised: prefill = generate(1 token); decode tokens/s = "
-        f"(new tokens - 1) / (generate({args.new_tokens}) - prefill), after one untimed generate"
+        f"(new tokens - 1) / (generate({args.new_tokens}) - prefill); each time the median of {args.steps} calls, "
+        f"after {args.warmup} untimed generate({args.new_tokens})"
     )
     info = meta(
         env,
