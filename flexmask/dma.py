@@ -21,7 +21,7 @@ from torch import nn
 from .algebra._checks import positive_int
 from .algebra.bias import key_bias
 from .algebra.content import topk, topk_blocks
-from .algebra.masks import Mask, Padding
+from .algebra.masks import KeyMask, Mask
 from .functional import attention
 from .rotary import apply_rotary
 
@@ -220,7 +220,9 @@ class DynamicMaskAttention(nn.Module):
     ) -> torch.Tensor:
         """Args:
             x: ``[B, N, hidden]``.
-            attention_mask: optional ``[B, N]``, 1 for real tokens and 0 for right padding.
+            attention_mask: optional ``[B, N]``, 1 (or ``True``) for real tokens and 0 for padding, in
+                any pattern (left, right). Padded keys never compete in the selection and are never
+                attended to; a padded query's row attends to the real keys before it.
             position_ids: optional ``[B, N]`` rotary positions (default ``0..N-1``).
 
         Returns:
@@ -245,23 +247,22 @@ class DynamicMaskAttention(nn.Module):
         scores = dynamic_bias(v, self.dt_proj, self.A, self.config.bias_form)
         among = None
         if attention_mask is not None:
-            among = Padding(_right_padding_lengths(attention_mask, bsz, n))
+            among = KeyMask(_real_tokens(attention_mask, bsz, n))
         mask = self.content_mask(scores, among)
         out = attention(q, k, v, mask=mask, bias=key_bias(scores.to(q.dtype)))
         return self.o_proj(rearrange(out, "b h n d -> b n (h d)"))
 
 
-def _right_padding_lengths(attention_mask: torch.Tensor, batch: int, n: int) -> torch.Tensor:
-    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != (batch, n):
-        got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
-        raise ValueError(f"attention_mask must be [batch, seq_len] = {[batch, n]}, got {got}")
-    keep = attention_mask.bool()
-    lengths = keep.sum(-1)
-    if not torch.compiler.is_compiling() and not bool(
-        (keep == (torch.arange(n, device=keep.device) < lengths[:, None])).all()
-    ):
-        raise ValueError("attention_mask must be right padding (1s then 0s in every row)")
-    return lengths
+def _real_tokens(attention_mask: torch.Tensor, batch: int, n: int) -> torch.Tensor:
+    """``attention_mask`` as the bool ``[B, N]`` of real tokens (no host synchronisation)."""
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a tensor [batch, seq_len], got {type(attention_mask).__name__}")
+    if attention_mask.shape != (batch, n) or attention_mask.is_floating_point() or attention_mask.is_complex():
+        raise ValueError(
+            f"attention_mask must be a bool or integer tensor [batch, seq_len] = {[batch, n]}, "
+            f"got dtype {attention_mask.dtype} and shape {tuple(attention_mask.shape)}"
+        )
+    return attention_mask.bool()
 
 
 __all__ = ["DMAConfig", "DynamicMaskAttention", "dynamic_bias"]

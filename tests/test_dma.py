@@ -211,6 +211,32 @@ def test_module_equals_composable_form(form, bias_heads):
     torch.testing.assert_close(out, dense_attention(q, k, v, keep, heads_to(s, 4)), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("selection", ["token", "block"])
+def test_module_with_any_padding_equals_the_dense_reference(selection):
+    """``attention_mask`` in any pattern (left padding, right padding, holes): the top-k ranks real
+    keys only and padded keys are never attended to; float64 against a dense reference."""
+    torch.manual_seed(11)
+    n = 23
+    layer = fm.DynamicMaskAttention(32, 4, 2, keep_window=8, selection=selection, block_size=4).double()
+    with torch.no_grad():
+        layer.A.normal_()
+    x = torch.randn(3, n, 32, dtype=torch.float64)
+    am = torch.ones(3, n, dtype=torch.long)
+    am[0, :6] = 0  # left padding
+    am[1, 17:] = 0  # right padding
+    am[2, 3:20:4] = 0  # holes
+    q, k, v, s = module_parts(layer, x)
+    real = am.bool()
+    if selection == "token":
+        keep = brute_topk(s.detach(), 8, valid=real)
+    else:  # 8 // 4 = 2 past blocks, by their best real key
+        keep = brute_topk_blocks(s.detach().masked_fill(~real[:, None], float("-inf")), 2, 4)
+    keep = heads_to(keep & real[:, None, None, :], 4)
+    out = dense_attention(q, k, v, keep, heads_to(s, 4))
+    expected = layer.o_proj(out.transpose(1, 2).reshape(3, n, -1))
+    torch.testing.assert_close(layer(x, attention_mask=am), expected, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("form", ["exp", "linear"])
 def test_zero_gate_is_sliding_window(form):
     torch.manual_seed(8)
@@ -294,9 +320,13 @@ def test_dma_errors():
         fm.topk(s, 3, among=fm.document(torch.tensor([[0, 0, 1, 1, 0, 0, 2, 2, 2, 2]]))).to_dense(10, 10)
     with pytest.raises(ValueError, match="one per block of 4"):
         fm.topk_blocks(torch.randn(1, 1, 5), 1, block_size=4).to_dense(10, 10)
-    with pytest.raises(ValueError, match="right padding"):
-        layer = fm.DynamicMaskAttention(16, 2, keep_window=4)
-        layer(torch.randn(1, 4, 16), attention_mask=torch.tensor([[0, 1, 1, 1]]))
+    layer = fm.DynamicMaskAttention(16, 2, keep_window=4)
+    with pytest.raises(ValueError, match=r"attention_mask must be a bool or integer tensor \[batch, seq_len\]"):
+        layer(torch.randn(1, 4, 16), attention_mask=torch.tensor([[0.0, 1.0, 1.0, 1.0]]))
+    with pytest.raises(ValueError, match=r"= \[1, 4\], got dtype torch.int64 and shape \(1, 5\)"):
+        layer(torch.randn(1, 4, 16), attention_mask=torch.ones(1, 5, dtype=torch.long))
+    with pytest.raises(TypeError, match="attention_mask must be a tensor"):
+        layer(torch.randn(1, 4, 16), attention_mask=[[1, 1, 1, 1]])
     with pytest.raises(ValueError, match="selection must be"):
         fm.DynamicMaskAttention(16, 2, selection="tokens")
 
