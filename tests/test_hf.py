@@ -266,7 +266,7 @@ def test_key_mask_blocks_match_dense():
 
 
 @needs_topk
-@pytest.mark.parametrize("padding", ["left", "right"])
+@pytest.mark.parametrize("padding", ["left", "right", "holes"])
 def test_padded_dma_layers_plan_the_selection_alone(padding, gen, monkeypatch):
     """A ``to_dma`` model on a padded batch: the top-k ranks among the real keys (its ``among`` holds
     the padding mask's tensor), so the layer's ``causal & key_mask & topk`` plans as the top-k alone,
@@ -284,7 +284,11 @@ def test_padded_dma_layers_plan_the_selection_alone(padding, gen, monkeypatch):
     for layer in model.model.layers:  # nonzero gates: a real content selection
         layer.self_attn.A.data.normal_(generator=gen)
     ids = distinct_tokens(2, 20, gen)
-    am = left_padding(2, 20, 5) if padding == "left" else left_padding(2, 20, 5).flip(-1)
+    am = {
+        "left": left_padding(2, 20, 5),
+        "right": left_padding(2, 20, 5).flip(-1),
+        "holes": torch.tensor([[1] * 20, [1, 0, 0] * 6 + [1, 1]]),
+    }[padding]
     with torch.no_grad():
         out = model(ids, attention_mask=am).logits
         assert len(seen) == len(model.model.layers)
@@ -295,13 +299,14 @@ def test_padded_dma_layers_plan_the_selection_alone(padding, gen, monkeypatch):
 
 
 @needs_topk
-@pytest.mark.parametrize("case", ["plain", "left-padding", "packed"])
+@pytest.mark.parametrize("case", ["plain", "left-padding", "holes", "packed"])
 def test_doge_matches_transformers(case, gen):
     model = doge(keep_window=5, gen=gen)
     ids = distinct_tokens(2, 20, gen)
     kwargs = {
         "plain": {},
         "left-padding": {"attention_mask": left_padding(2, 20, 5)},
+        "holes": {"attention_mask": torch.tensor([[1] * 20, [0, 0] + [1, 1, 0] * 6])},  # padded keys never compete
         "packed": {"position_ids": torch.tensor([PACKED, PACKED]), "use_cache": False},
     }[case]
     rows = kwargs["attention_mask"].bool() if "attention_mask" in kwargs else None

@@ -119,26 +119,16 @@ class ModelMask:
         return self._combined[id(extra)][1]
 
     def candidates(self) -> Mask | None:
-        """The keys that compete in a DMA top-k: ``fm.document`` of the padding and packing, or ``None``."""
+        """The keys that compete in a DMA top-k: those of the query's packed sequence (``fm.document``)
+        that are not padding (``fm.key_mask`` of the padding mask's own tensor: the model's
+        ``KeyMask(valid)`` then adds nothing beside the top-k, which plans alone), or ``None``."""
         documents = self.documents
         if documents is None and self._probe is not None:
             documents = self._probe()
-        if documents is not None and self.valid is not None:
-            raise NotImplementedError("DMA top-k over packed sequences with a padding mask is not supported")
+        parts = [document(documents)] if documents is not None else []
         if self.valid is not None:
-            valid = self.valid
-            if not torch.compiler.is_compiling():
-                runs = valid[:, 0].long() + (valid[:, 1:] & ~valid[:, :-1]).sum(-1)
-                if bool((runs > 1).any()):
-                    raise NotImplementedError(
-                        "DMA top-k needs each row's real tokens to be contiguous (left or right padding), "
-                        "got an attention_mask with holes"
-                    )
-            # the padding runs as documents, and the padded keys out of the competition: ``KeyMask(valid)``
-            # of the model's mask then adds nothing (the same tensor), so the selection plans alone
-            runs = F.pad(torch.cumsum(valid[:, 1:] != valid[:, :-1], -1), (1, 0))
-            return document(runs) & KeyMask(valid)
-        return None if documents is None else document(documents)
+            parts.append(KeyMask(self.valid))
+        return None if not parts else parts[0] if len(parts) == 1 else parts[0] & parts[1]
 
     def __repr__(self) -> str:
         return f"ModelMask({self.mask!r}, q_length={self.q_length}, kv_length={self.kv_length})"
