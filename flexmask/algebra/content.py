@@ -89,6 +89,15 @@ class _ContentMask(Mask):
         self._lengths = None if padding is None else padding.lengths
         self._valid = None if keys is None else keys.valid
 
+    def _competing(self, n: int, device: torch.device) -> torch.Tensor | None:
+        """``[B|1, n]`` bool: the keys that compete, by ``among``'s padding (keys before its lengths)
+        and key mask together; ``None`` when every key does."""
+        valid = None if self._valid is None else self._valid.to(device)
+        if self._lengths is not None:
+            in_length = torch.arange(n, device=device) < self._lengths.to(device).view(-1, 1)
+            valid = in_length if valid is None else valid & in_length
+        return valid
+
     def _cache_fields(self):
         return (self.scores, self.k, self.among, getattr(self, "block_size", None))
 
@@ -177,8 +186,9 @@ class TopK(_ContentMask):
         """``e`` ``[B, Hs, KV]`` int32: query ``i`` keeps key ``j`` iff ``j <= i < e[j]`` (among aside)."""
 
         def compute():
-            s, segments = selection.key_candidates(self.scores, low.layout, self._ids, self._lengths, valid=self._valid)
             layout = low.layout
+            valid = self._competing(layout.kv_len, layout.device)
+            s, segments = selection.key_candidates(self.scores, layout, self._ids, valid)
             last_only = layout.q_len == 1 and layout.last_query_is_last_key
             return selection.topk_ends(s, segments, self.k, last_only)
 
@@ -207,7 +217,8 @@ class TopK(_ContentMask):
         stops at its document's end; a padded key keeps none). Without ``among``, on CUDA with
         option ``graphed_build``, built by a CUDA-graph replay."""
         if self.among is not None:
-            return selection.fold_among(self.interval_ends(low), self._ids, self._lengths, self._valid)
+            valid = self._competing(low.layout.kv_len, low.layout.device)
+            return selection.fold_among(self.interval_ends(low), self._ids, valid)
         if low.options.graphed_build and low.layout.device.type == "cuda":
             scores = self.scores.detach().to(low.layout.device)
             return selection.graphed_ends(scores, self.k, low.layout.batch)
@@ -215,7 +226,8 @@ class TopK(_ContentMask):
 
     def _decode_gather(self, low: Lowering) -> Gathered:
         """(Offers.GATHER_DECODE) the ``min(k, L)`` keys the last query keeps (see :mod:`flexmask.lowering.decode`)."""
-        return decode.topk_candidates(self.scores, self.k, low.layout, self._ids, self._lengths, self._valid)
+        valid = self._competing(low.layout.kv_len, low.layout.device)
+        return decode.topk_candidates(self.scores, self.k, low.layout, self._ids, valid)
 
     def _mask_mod(self, low):
         if low.gathered_by is self:
@@ -280,7 +292,7 @@ class TopKBlocks(_ContentMask):
             self,
             "blocks",
             lambda: selection.block_selection(
-                self.scores, self.k, self.block_size, low.layout, lengths=self._lengths, valid=self._valid
+                self.scores, self.k, self.block_size, low.layout, self._competing(low.layout.kv_len, low.layout.device)
             ),
         )
 
@@ -289,9 +301,8 @@ class TopKBlocks(_ContentMask):
 
     def _decode_gather(self, low: Lowering) -> Gathered:
         """(Offers.GATHER_DECODE) the positions of the blocks the last query keeps, ``valid`` where kept."""
-        return decode.topk_blocks_candidates(
-            self.scores, self.k, self.block_size, low.layout, self._lengths, self._valid
-        )
+        valid = self._competing(low.layout.kv_len, low.layout.device)
+        return decode.topk_blocks_candidates(self.scores, self.k, self.block_size, low.layout, valid)
 
     def _mask_mod(self, low):
         if low.gathered_by is self:

@@ -23,7 +23,7 @@ import torch
 from .cache import compiled_on_cuda
 from .layout import Layout
 from .prefix_topk import rank_keys
-from .selection import competing_blocks, key_candidates
+from .selection import block_scores, key_candidates
 
 _LOWEST = torch.iinfo(torch.int64).min
 
@@ -78,7 +78,6 @@ def topk_candidates(
     k: int,
     layout: Layout,
     ids: torch.Tensor | None = None,
-    lengths: torch.Tensor | None = None,
     valid: torch.Tensor | None = None,
 ) -> Gathered:
     """The at most ``k`` keys ``fm.topk(scores, k, among=...)`` keeps for the one query of ``layout``
@@ -89,12 +88,12 @@ def topk_candidates(
     """
     scores = scores.detach().to(layout.device)
     query = layout.offset
-    top = _topk_positions(scores, min(k, layout.kv_len), layout.batch, ids, lengths, valid, query)
+    top = _topk_positions(scores, min(k, layout.kv_len), layout.batch, ids, valid, query)
     return Gathered(top, top <= query)  # past the query: picked only when fewer keys exist
 
 
-def _topk_positions_eager(scores, k: int, batch: int, ids, lengths, valid, query) -> torch.Tensor:
-    s, segments = key_candidates(scores, (batch, scores.device), ids, lengths, valid=valid)
+def _topk_positions_eager(scores, k: int, batch: int, ids, valid, query) -> torch.Tensor:
+    s, segments = key_candidates(scores, (batch, scores.device), ids, valid)
     b, hs, n = s.shape
     keys = _order_keys(s.reshape(b * hs, n), None if segments is None else segments.reshape(b * hs, n), query)
     return keys.topk(k, dim=-1, sorted=False).indices.view(b, hs, -1)
@@ -110,28 +109,21 @@ def topk_blocks_candidates(
     k: int,
     block_size: int,
     layout: Layout,
-    lengths: torch.Tensor | None = None,
     valid: torch.Tensor | None = None,
 ) -> Gathered:
     """The key positions ``fm.topk_blocks(scores, k)`` keeps for the one query (at ``layout.offset``):
     its query block's ``k`` best past blocks and the query's own block up to it (``valid`` marks kept
     positions)."""
     scores = scores.detach().to(layout.device)
-    positions, kept = _block_positions(
-        scores, k, block_size, layout.kv_len, layout.batch, lengths, valid, layout.offset
-    )
+    positions, kept = _block_positions(scores, k, block_size, layout.kv_len, layout.batch, valid, layout.offset)
     return Gathered(positions, kept)
 
 
-def _block_positions_eager(scores, k: int, block_size: int, n: int, batch: int, lengths, valid, query):
+def _block_positions_eager(scores, k: int, block_size: int, n: int, batch: int, valid, query):
     nb = -(-n // block_size)
     per_key = scores.shape[-1] != nb
-    s, _ = key_candidates(scores, (batch, scores.device), None, lengths, per_key=per_key, valid=valid)
-    if per_key:  # a block's score is its best key's
-        s = torch.nn.functional.pad(s, (0, nb * block_size - n), value=float("-inf"))
-        s = s.view(*s.shape[:-1], nb, block_size).amax(-1)
-    else:
-        s = competing_blocks(s, block_size, n, lengths, valid)
+    s, _ = key_candidates(scores, (batch, scores.device), valid=valid, per_key=per_key)
+    s = block_scores(s, block_size, n, per_key, valid)
     b, hs, _ = s.shape
     t = _as_position(query, s.device) // block_size  # the query's block
     keys = _order_keys(s.reshape(b * hs, nb), None, nb - 1)

@@ -29,9 +29,8 @@ def key_candidates(
     scores: torch.Tensor,
     layout: Layout | tuple[int, torch.device],
     ids: torch.Tensor | None = None,
-    lengths: torch.Tensor | None = None,
-    per_key: bool = True,
     valid: torch.Tensor | None = None,
+    per_key: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Detached scores ``[B, Hs, N]`` with non-candidates at -inf (NaN ranks lowest), and the
     documents' segment numbers ``[B, Hs, N]`` (nondecreasing) or ``None``.
@@ -39,17 +38,14 @@ def key_candidates(
     Args:
         scores: ``[B|1, Hs, N]``.
         ids: packed document ids ``[B|1, N]`` (candidates of a query: its own document).
-        lengths: valid keys per row ``[B|1]`` (keys past it never compete); only with ``per_key``.
-        valid: ``[B|1, N]`` bool, the keys that compete (``fm.key_mask``); only with ``per_key``.
+        valid: ``[B|1, N]`` bool, the keys that compete (``among``'s padding and key mask
+            together); only with ``per_key``.
         layout: the call's layout, or its ``(batch, device)``.
     """
     batch, device = (layout.batch, layout.device) if isinstance(layout, Layout) else layout
     s = scores.detach().to(device=device, dtype=ranking_dtype(scores))
     s = torch.nan_to_num(s, nan=float("-inf"))  # NaN ranks lowest (no device sync to check)
     s = s.expand(batch, *s.shape[1:])
-    if lengths is not None and per_key:
-        lengths = lengths.to(device).view(-1, 1, 1)
-        s = s.masked_fill(torch.arange(s.shape[-1], device=device) >= lengths, float("-inf"))
     if valid is not None and per_key:
         s = s.masked_fill(~valid.to(device)[:, None, :], float("-inf"))
     segments = None
@@ -64,19 +60,18 @@ def segment_numbers(ids: torch.Tensor) -> torch.Tensor:
     return F.pad(cumsum(ids[:, 1:] != ids[:, :-1], -1), (1, 0))
 
 
-def competing_blocks(
-    s: torch.Tensor, block_size: int, n: int, lengths: torch.Tensor | None, valid: torch.Tensor | None
-) -> torch.Tensor:
-    """Per-block scores ``s`` ``[B, Hs, nb]`` with the blocks that do not compete at -inf: those that
-    start past ``lengths`` ``[B|1]``, and those with no key of ``valid`` ``[B|1, n]``."""
-    nb = s.shape[-1]
-    if lengths is not None:
-        lengths = lengths.to(s.device).view(-1, 1, 1)
-        s = s.masked_fill(torch.arange(nb, device=s.device) * block_size >= lengths, float("-inf"))
-    if valid is not None:
-        valid = F.pad(valid.to(s.device), (0, nb * block_size - n)).view(valid.shape[0], nb, block_size)
-        s = s.masked_fill(~valid.any(-1)[:, None, :], float("-inf"))
-    return s
+def block_scores(s: torch.Tensor, block_size: int, n: int, per_key: bool, valid: torch.Tensor | None) -> torch.Tensor:
+    """Per-block scores ``[B, Hs, nb]`` from the candidate scores ``s`` of :func:`key_candidates`
+    (over ``n`` keys): per key, a block's score is its best key's; per block, blocks with no key
+    of ``valid`` ``[B|1, n]`` don't compete (-inf)."""
+    nb = cdiv(n, block_size)
+    if per_key:
+        s = F.pad(s, (0, nb * block_size - n), value=float("-inf"))
+        return s.view(*s.shape[:-1], nb, block_size).amax(-1)
+    if valid is None:
+        return s
+    valid = F.pad(valid.to(s.device), (0, nb * block_size - n)).view(valid.shape[0], nb, block_size)
+    return s.masked_fill(~valid.any(-1)[:, None, :], float("-inf"))
 
 
 def topk_ends(s: torch.Tensor, segments: torch.Tensor | None, k: int, last_only: bool = False) -> torch.Tensor:
@@ -94,23 +89,18 @@ def topk_ends(s: torch.Tensor, segments: torch.Tensor | None, k: int, last_only:
     return e.to(torch.int32)
 
 
-def fold_among(
-    ends: torch.Tensor, ids: torch.Tensor | None, lengths: torch.Tensor | None, valid: torch.Tensor | None = None
-) -> torch.Tensor:
+def fold_among(ends: torch.Tensor, ids: torch.Tensor | None, valid: torch.Tensor | None) -> torch.Tensor:
     """Interval ends ``[B, Hs, N]`` of a top-k among documents and/or padding (ranked with their
     segments and lengths, :func:`topk_ends`) with the ``among`` mask folded in: query ``i`` keeps key
     ``j`` under ``topk(..., among=...)`` iff ``j <= i < e'[j]``, where ``e'`` stops at the end of
-    ``j``'s document (later queries are of other documents) and is ``j`` for a padded key (past
-    ``lengths``, or not ``valid`` ``[B|1, N]``)."""
+    ``j``'s document (later queries are of other documents) and is ``j`` for a key not ``valid``
+    ``[B|1, N]`` (padding)."""
     b, _, n = ends.shape
     positions = torch.arange(n, device=ends.device)
     if ids is not None:  # documents are contiguous (checked when the mask is made)
         segments = segment_numbers(ids.to(ends.device).expand(b, n))
         doc_end = torch.searchsorted(segments, segments, right=True)  # first position of the next document
         ends = torch.minimum(ends, doc_end[:, None, :].to(ends.dtype))
-    if lengths is not None:
-        in_length = positions < lengths.to(ends.device).view(-1, 1, 1)
-        ends = torch.where(in_length, ends, positions.to(ends.dtype))
     if valid is not None:
         ends = torch.where(valid.to(ends.device)[:, None, :], ends, positions.to(ends.dtype))
     return ends
@@ -133,8 +123,6 @@ def block_selection(
     k: int,
     block_size: int,
     layout: Layout,
-    ids: torch.Tensor | None = None,
-    lengths: torch.Tensor | None = None,
     valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[2, B, Hs, nb]``: each key block's rank (0 = best) and each query block's threshold.
@@ -144,12 +132,8 @@ def block_selection(
     """
     nb = cdiv(layout.kv_len, block_size)
     per_key = scores.shape[-1] != nb
-    s, _ = key_candidates(scores, layout, None, lengths, per_key=per_key, valid=valid)
-    if per_key:
-        s = F.pad(s, (0, nb * block_size - layout.kv_len), value=float("-inf"))
-        s = s.view(*s.shape[:-1], nb, block_size).amax(-1)
-    else:
-        s = competing_blocks(s, block_size, layout.kv_len, lengths, valid)
+    s, _ = key_candidates(scores, layout, valid=valid, per_key=per_key)
+    s = block_scores(s, block_size, layout.kv_len, per_key, valid)
     b, hs, _ = s.shape
     return block_ranks(s.reshape(b * hs, nb), k).reshape(2, b, hs, nb)
 
