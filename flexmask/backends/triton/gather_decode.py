@@ -21,6 +21,7 @@ except ImportError:  # pragma: no cover - depends on the install
 
 
 if triton is not None:
+    from .key_mass import _LOG2E  # the kernels work in base 2
 
     @triton.jit
     def _partial(
@@ -41,7 +42,7 @@ if triton is not None:
         m_i = tl.full((GP,), float("-inf"), tl.float32)
         l_i = tl.zeros((GP,), tl.float32)
         acc = tl.zeros((GP, DV), tl.float32)
-        qk_scale = sm_scale * 1.4426950408889634
+        qk_scale = sm_scale * _LOG2E
         begin = split * CHUNK
         end = tl.minimum(begin + CHUNK, S)
         for start in range(begin, end, BS):
@@ -55,7 +56,7 @@ if triton is not None:
             both = live[:, None] & inside[None, :]
             keep = tl.load(KEEP + cell, mask=both, other=0) != 0
             if HAS_ADD:
-                s += tl.load(ADD + cell, mask=both, other=0.0) * 1.4426950408889634
+                s += tl.load(ADD + cell, mask=both, other=0.0) * _LOG2E
             s = tl.where(keep, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)

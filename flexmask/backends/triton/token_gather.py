@@ -28,8 +28,6 @@ try:  # Triton ships with CUDA builds of torch; CPU-only installs have none
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-LOG2E = 1.4426950408889634
-
 
 def kept_lists(ends: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For each query block ``m`` of ``block`` queries, the keys it keeps: ``(lists, counts)``,
@@ -51,6 +49,7 @@ def kept_lists(ends: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tens
 
 
 if triton is not None:
+    from .key_mass import _LOG2E  # the kernels work in base 2
 
     @triton.jit
     def _lists(E, LIST, CNT, N, CAP, NQB, BM: tl.constexpr, CHUNK: tl.constexpr):
@@ -114,7 +113,7 @@ if triton is not None:
         k = tl.load(K + rows, mask=in_list[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         if HAS_T:
-            s += tl.load(T + t_row + j, mask=in_list, other=0.0)[None, :] * 1.4426950408889634
+            s += tl.load(T + t_row + j, mask=in_list, other=0.0)[None, :] * _LOG2E
         e = tl.load(E + row * N + j, mask=in_list, other=0)
         keep = in_list[None, :] & (j[None, :] <= i[:, None]) & (i[:, None] < e[None, :])
         return j, rows, k, tl.where(keep, s, float("-inf")), in_list
@@ -132,7 +131,7 @@ if triton is not None:
         d = tl.arange(0, D)
         live = i < N
         q = tl.load(Q + q_rows[:, None] + d[None, :], mask=live[:, None], other=0.0)
-        qk_scale = sm_scale * 1.4426950408889634
+        qk_scale = sm_scale * _LOG2E
         m_i = tl.full((STACK * BM,), float("-inf"), tl.float32)
         l_i = tl.zeros((STACK * BM,), tl.float32)
         acc = tl.zeros((STACK * BM, D), tl.float32)
@@ -151,7 +150,7 @@ if triton is not None:
         alive = l_i > 0
         out = acc / tl.where(alive, l_i, 1.0)[:, None]
         tl.store(O + q_rows[:, None] + d[None, :], out.to(O.dtype.element_ty), mask=live[:, None])
-        lse = tl.where(alive, (m_i + tl.log2(tl.where(alive, l_i, 1.0))) / 1.4426950408889634, float("inf"))
+        lse = tl.where(alive, (m_i + tl.log2(tl.where(alive, l_i, 1.0))) / _LOG2E, float("inf"))
         tl.store(LSE + stats, lse, mask=live)
 
     @triton.jit
@@ -171,8 +170,8 @@ if triton is not None:
         do = tl.load(DO + q_rows[:, None] + d[None, :], mask=live[:, None], other=0.0)
         lse = tl.load(LSE + stats, mask=live, other=float("inf"))
         delta = tl.load(DELTA + stats, mask=live, other=0.0)
-        lse2 = lse * 1.4426950408889634
-        qk_scale = sm_scale * 1.4426950408889634
+        lse2 = lse * _LOG2E
+        qk_scale = sm_scale * _LOG2E
         dq = tl.zeros((STACK * BM, D), tl.float32)
         for start in range(0, count, BN):
             j, rows, k, s, in_list = _chunk(
