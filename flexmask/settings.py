@@ -21,7 +21,7 @@ import contextlib
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields, replace
-from typing import Literal, TypedDict
+from typing import Literal, TypedDict, get_args
 
 Backend = Literal["auto", "flex", "reference"]
 KeyBiasGrad = Literal["auto", "fused", "query_side", "transposed", "flex"]
@@ -95,11 +95,7 @@ class Resolved:
         return replace(self, **overrides) if overrides else self
 
 
-_CHOICES = {
-    "backend": ("auto", "flex", "reference"),
-    "key_bias_grad": ("auto", "fused", "query_side", "transposed", "flex"),
-    "token_kernel": ("auto", "flex", "gather"),
-}
+_CHOICES = {"backend": get_args(Backend), "key_bias_grad": get_args(KeyBiasGrad), "token_kernel": get_args(TokenKernel)}
 _NAMES = tuple(f.name for f in fields(Resolved))
 
 
