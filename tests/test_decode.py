@@ -138,3 +138,102 @@ def test_decode_a_query_before_the_last_key(score_dtype, gen):
             assert kind(mask, L) == "gather"
             one = fm.attention(qs[:, :, p : p + 1], k, v, mask=mask, q_offset=p)
             torch.testing.assert_close(one, whole[:, :, p : p + 1], rtol=1e-12, atol=1e-12)
+
+
+def _kept_set(kept, b, h):
+    """The positions in ``kept[b, h]`` (``-1`` for none), each at most once."""
+    row = kept[b if kept.shape[0] > 1 else 0, h].tolist()
+    assert len(row) == len(set(row) - {-1}) + row.count(-1), row  # no key twice
+    return {j for j in row if j >= 0}
+
+
+@pytest.mark.parametrize("among", [None, "padding", "documents", "key_mask"])
+@pytest.mark.parametrize("N, k", [(1, 3), (29, 4), (70, 16), (33, 40)])
+def test_keep_step_by_step_matches_brute_force(among, N, k, gen):
+    """`TopK.keep(t, previous=...)` goes from one query's kept keys to the next one's in O(k): at every
+    position it keeps what a brute-force sort of all candidates keeps (ties: many equal scores)."""
+    s = torch.randint(0, 3, (B, HKV, N), generator=gen).float()
+    lengths = torch.tensor([N, max(1, N - 7)])
+    ids = torch.sort(torch.randint(0, 3, (B, N), generator=gen), -1).values
+    keys = torch.rand(B, N, generator=gen) < 0.7
+    parts = {
+        None: (None, {}),
+        "padding": (fm.padding(lengths), dict(lengths=lengths.tolist())),
+        "documents": (fm.document(ids), dict(ids=ids.tolist())),
+        "key_mask": (fm.key_mask(keys), dict(valid=keys)),
+    }
+    mask, brute = parts[among]
+    want = brute_topk(s, k, **brute)  # [B, Hs, N, N]
+    sel = fm.topk(s, k, among=mask)
+    kept = None
+    for t in range(N):
+        query = torch.tensor([t]) if t % 2 else t  # an int or a one-element tensor
+        kept = sel.keep(query) if kept is None else sel.keep(query, previous=kept)
+        assert kept.shape == (B, HKV, min(k, N))
+        for b in range(B):
+            for h in range(HKV):
+                allowed = {j for j in range(t + 1) if want[b, h, t, j]}
+                got = _kept_set(kept, b, h)
+                # what keep returns beyond the candidates (other documents, masked keys) the mask removes
+                assert got & set(range(t + 1)) >= allowed and not (got - set(range(t + 1))), (t, b, h)
+                assert len(got) <= k and (got - allowed) <= _outside(among, b, t, lengths, ids, keys), (t, b, h)
+    # a replayed step and a step at position 0 (a stale `previous`) keep the same keys
+    if N > 1:
+        again = sel.keep(N - 1, previous=kept)
+        assert all(_kept_set(again, b, h) == _kept_set(kept, b, h) for b in range(B) for h in range(HKV))
+        first = sel.keep(0, previous=kept)
+        assert all(_kept_set(first, b, h) == {0} for b in range(B) for h in range(HKV))
+
+
+def _outside(among, b, t, lengths, ids, keys) -> set[int]:
+    """Keys at or before ``t`` that are not candidates of query ``t`` under ``among``."""
+    if among == "padding":
+        return {j for j in range(t + 1) if j >= lengths[b]}
+    if among == "documents":
+        return {j for j in range(t + 1) if ids[b, j] != ids[b, t]}
+    if among == "key_mask":
+        return {j for j in range(t + 1) if not keys[b, j]}
+    return set()
+
+
+@pytest.mark.parametrize("among", [None, "key_mask"])
+def test_decode_with_kept_keys_matches_float64(among, gen):
+    """Decoding step by step with `fm.topk(..., kept=sel.keep(t, previous=...))` equals the rows of
+    float64 attention over a brute-force top-k, at odd lengths, with GQA, batch 2 and ties."""
+    L, w = 45, 7
+    qs = torch.randn(B, HQ, L, D, generator=gen, dtype=torch.float64)
+    _, k, v = cache(gen, L)
+    s = torch.randint(0, 4, (B, HKV, L), generator=gen).double()
+    keys = torch.rand(B, L, generator=gen) < 0.8
+    keys[:, 0] = True
+    mask = None if among is None else fm.key_mask(keys)
+    keep = heads_to(brute_topk(s, w, valid=None if among is None else keys), HQ)
+    want = ref_attention(qs, k, v, keep=keep, bias=heads_to(s, HQ)[:, :, None, :])
+    sel = fm.topk(s, w, among=mask)
+    kept = sel.keep(9)
+    for t in range(10, L):
+        kept = sel.keep(torch.tensor([t]), previous=kept)
+        step = fm.topk(s, w, among=mask, kept=kept)
+        assert kind(step, L) == "gather"
+        out = fm.attention(qs[:, :, t : t + 1], k, v, mask=step, bias=fm.key_bias(s), q_offset=torch.tensor([t]))
+        torch.testing.assert_close(out, want[:, :, t : t + 1], rtol=1e-12, atol=1e-12)
+
+
+def test_kept_keys_are_checked(gen):
+    s = torch.randn(B, HKV, 20, generator=gen)
+    sel = fm.topk(s, 4)
+    kept = sel.keep(10)
+    with pytest.raises(TypeError, match="kept"):
+        fm.topk(s, 4, kept=kept.tolist())
+    for bad in (kept.int(), kept[:, :1], torch.zeros(B, HKV, 5, dtype=torch.long), kept[0]):
+        with pytest.raises(ValueError, match="kept"):
+            fm.topk(s, 4, kept=bad)
+    with pytest.raises(ValueError, match="batch"):
+        fm.attention(*cache(gen, 20)[:1], *cache(gen, 20)[1:], mask=fm.topk(s, 4, kept=kept.repeat(3, 1, 1)))
+    for query, error in ((20, ValueError), (-1, ValueError), (2.0, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="query"):
+            sel.keep(query)
+    with pytest.raises(ValueError, match="query"):
+        sel.keep(torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="previous"):
+        sel.keep(11, previous=kept[..., :0])

@@ -358,6 +358,47 @@ def test_decode_token_selection_on_gpu_among_documents_and_padding_and_before_th
     torch.testing.assert_close(out.cpu(), want, rtol=1e-12, atol=1e-12)
 
 
+def test_decode_with_kept_keys_carried_on_gpu_matches_float64():
+    """Decoding step by step on CUDA with the kept keys carried (`keep(t, previous=...)`, compiled)
+    inside a CUDA graph replayed once per position: each step equals float64 attention over a
+    sorted selection of all keys at or before the query (ties, a key mask, GQA, batch 2)."""
+    gen = torch.Generator().manual_seed(5)
+    B, HQ, HKV, D, L, w, start = 2, 4, 2, 16, 700, 64, 600
+    qs = torch.randn(B, HQ, L, D, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(B, HKV, L, D, generator=gen, dtype=torch.float64) for _ in range(2))
+    s = torch.randint(0, 5, (B, HKV, L), generator=gen).float()  # many ties
+    valid = torch.rand(B, L, generator=gen) < 0.8
+    sel = fm.topk(s.cuda(), w, among=fm.key_mask(valid.cuda()))
+    q1, kc, vc = torch.zeros(B, HQ, 1, D, device="cuda", dtype=torch.float64), k.cuda(), v.cuda()
+    t = torch.full((1,), start, device="cuda")
+    held = sel.keep(start - 1)
+    out = torch.zeros_like(q1)
+
+    def step():
+        held.copy_(sel.keep(t, previous=held))
+        mask = fm.topk(sel.scores, w, among=sel.among, kept=held)
+        out.copy_(fm.attention(q1, kc, vc, mask=mask, bias=fm.key_bias(sel.scores), q_offset=t))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # compiles; position `start` twice (a replayed step keeps the same keys)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for pos in range(start, L):  # one replay per position, each going on from the one before
+        t.fill_(pos)
+        q1.copy_(qs[:, :, pos : pos + 1])
+        graph.replay()
+        if pos % 7 and pos != L - 1:
+            continue
+        keep = last_row_keep(torch.where(valid[:, None], s.double(), float("-inf")), w, pos) & valid[:, None]
+        bias = heads_to(s.double(), HQ)[:, :, None]
+        want = ref_attention(qs[:, :, pos : pos + 1], k, v, keep=heads_to(keep, HQ)[:, :, None, :], bias=bias)
+        torch.testing.assert_close(out.cpu(), want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("selection", ["token", "block"])
 def test_decode_kernel_matches_float64_on_gpu(selection, monkeypatch):
     """One bf16 decoding query through the Triton decoding kernel (gathered keys; GQA, batch 2, a key

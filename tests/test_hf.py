@@ -764,6 +764,41 @@ def test_dma_static_cache_keeps_key_scores(gen):
         torch.testing.assert_close(scores[..., :written], full[..., :written], rtol=1e-12, atol=0)
 
 
+def test_dma_static_cache_keeps_the_kept_keys(gen, monkeypatch):
+    """Beside a static cache, token selection keeps the last query's kept keys: the prefill selects
+    over every key once, each decoding step goes on from the step before in O(keep_window)
+    (`TopK.keep(previous=...)`), and the tokens are those of the dynamic cache (left padding)."""
+    model = llama(torch.float64)
+    fm.hf.to_dma(model, keep_window=5, selection="token")
+    for layer in model.model.layers:
+        layer.self_attn.A.data.normal_(generator=gen)
+    calls = {"all": 0, "step": 0}
+    for name, key in (("kept_keys", "all"), ("kept_step", "step")):
+        original = getattr(fm.lowering.decode, name)
+
+        def counted(*args, _original=original, _key=key):
+            calls[_key] += 1
+            return _original(*args)
+
+        monkeypatch.setattr(fm.lowering.decode, name, counted)
+    ids = torch.randint(1, V, (2, 12), generator=gen)
+    settings = dict(attention_mask=left_padding(2, 12, 3), max_new_tokens=7, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        dynamic = model.generate(ids, **settings)
+        out = model.generate(ids, cache_implementation="static", return_dict_in_generate=True, **settings)
+    assert torch.equal(out.sequences, dynamic)
+    layers = len(model.model.layers)
+    assert calls == {"all": layers, "step": 6 * layers}
+    last = ids.shape[1] + 5  # the last query's position
+    for block in model.model.layers:
+        layer = out.past_key_values.layers[block.self_attn.layer_idx]
+        scores, kept = layer.flexmask_kept
+        assert scores is layer.flexmask_scores[1]
+        valid = F.pad(settings["attention_mask"].bool(), (0, scores.shape[-1] - ids.shape[1]), value=True)
+        fresh = fm.topk(scores, 5, among=fm.key_mask(valid)).keep(last)
+        assert torch.equal(kept.sort(-1).values, fresh.sort(-1).values)
+
+
 def test_dma_static_cache_survives_steps_under_another_implementation(gen):
     """Decoding steps run under another attention implementation write keys into the static cache
     without their scores: back under flexmask the kept scores are computed anew, and the logits

@@ -179,8 +179,63 @@ class _ContentMask(Mask):
 
 
 class TopK(_ContentMask):
-    def __init__(self, scores: torch.Tensor, k: int, among: Mask | None = None):
+    def __init__(self, scores: torch.Tensor, k: int, among: Mask | None = None, kept: torch.Tensor | None = None):
         super().__init__(scores, k, among, "topk")
+        self.kept = None if kept is None else self._check_kept("topk kept", kept)
+
+    def _check_kept(self, name: str, kept: object) -> torch.Tensor:
+        if not isinstance(kept, torch.Tensor):
+            raise TypeError(f"{name} must be an int64 tensor from keep(), got {type(kept).__name__}")
+        _, hs, n = self.scores.shape
+        width = min(self.k, n)
+        if kept.dtype != torch.int64 or kept.dim() != 3 or kept.shape[1] != hs or not 0 < kept.shape[2] <= width:
+            raise ValueError(
+                f"{name} must be int64 [batch, {hs}, at most {width}] (what keep() returns for scores "
+                f"{tuple(self.scores.shape)} and k={self.k}), got dtype {kept.dtype} and shape {tuple(kept.shape)}"
+            )
+        return kept
+
+    def keep(self, query: int | torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
+        """The keys this selection keeps for one query: ``[B, Hs, min(k, KV)]`` int64 key positions,
+        ``-1`` where it keeps fewer. Decoding passes them back with ``fm.topk(..., kept=)``.
+
+        Without ``previous``: one top-k over all ``KV`` scores. With ``previous``, what this method
+        returned for the query at ``query - 1`` over the same scores (a KV cache's scores, with the
+        new key's written since): ``O(k)`` work, those keys and key ``query`` less the one ranked
+        last. That is exact because a key's rank among the keys before a query does not depend on
+        the query; it is the caller's part to pass the previous query's keys (a step replayed at
+        the same position, or one at position 0, is exact too).
+
+        Args:
+            query: the query's position among the ``KV`` keys (an int, or a one-element tensor: no
+                host synchronisation, fixed shapes, so a decoding step can be a CUDA graph).
+            previous: ``[B, Hs, S]`` int64, the keys kept for the query before, or ``None``.
+
+        Examples:
+            >>> import torch, flexmask as fm
+            >>> s = torch.tensor([[[5.0, 1.0, 0.0, 3.0, 2.0]]])
+            >>> kept = fm.topk(s, 2).keep(3)
+            >>> kept.sort(-1).values.tolist(), fm.topk(s, 2).keep(4, previous=kept).sort(-1).values.tolist()
+            ([[[0, 3]]], [[[0, 3]]])
+        """
+        device = self.scores.device
+        if isinstance(query, bool) or not isinstance(query, int | torch.Tensor):
+            raise TypeError(f"keep's query must be an int or a one-element tensor, got {type(query).__name__}")
+        n = self.scores.shape[-1]
+        if isinstance(query, int) and not 0 <= query < n:
+            raise ValueError(f"keep's query must be a position in 0 .. {n - 1} (the scores' keys), got {query}")
+        if isinstance(query, torch.Tensor) and (query.numel() != 1 or query.dtype.is_floating_point):
+            raise ValueError(
+                f"keep's query must be one integer position, got a {query.dtype} tensor of shape {tuple(query.shape)}"
+            )
+        batch = self._dims()[0]
+        valid = self._competing(n, device)
+        if previous is None:
+            return decode.kept_keys(self.scores, self.k, query, batch, self._ids, valid)
+        self._check_kept("keep's previous", previous)
+        if previous.shape[0] not in (1, batch):
+            raise ValueError(f"keep's previous has batch {previous.shape[0]}, expected {batch}")
+        return decode.kept_step(self.scores, previous, query, batch, self._ids, valid)
 
     def interval_ends(self, low: Lowering) -> torch.Tensor:
         """``e`` ``[B, Hs, KV]`` int32: query ``i`` keeps key ``j`` iff ``j <= i < e[j]`` (among aside)."""
@@ -193,9 +248,6 @@ class TopK(_ContentMask):
             return selection.topk_ends(s, segments, self.k, last_only)
 
         return low.derive(self, "ends", compute)
-
-    def _check(self, layout):
-        self._check_shapes(layout, layout.kv_len, f"kv_len={layout.kv_len} (one score per key)")
 
     def _length(self):
         return self.scores.shape[-1]
@@ -225,7 +277,10 @@ class TopK(_ContentMask):
         return self.interval_ends(low)
 
     def _decode_gather(self, low: Lowering) -> Gathered:
-        """(Offers.GATHER_DECODE) the ``min(k, L)`` keys the last query keeps (see :mod:`flexmask.lowering.decode`)."""
+        """(Offers.GATHER_DECODE) the ``min(k, L)`` keys the last query keeps (see :mod:`flexmask.lowering.decode`),
+        or the ``kept`` ones given."""
+        if self.kept is not None:
+            return decode.given_candidates(self.kept, low.layout)
         valid = self._competing(low.layout.kv_len, low.layout.device)
         return decode.topk_candidates(self.scores, self.k, low.layout, self._ids, valid)
 
@@ -244,9 +299,18 @@ class TopK(_ContentMask):
         any_, all_ = selection.topk_states(self.interval_ends(low), low.layout.heads, qr, kr)
         return self._classify_among(low, qr, kr, any_, all_)
 
+    def _cache_fields(self):
+        return (*super()._cache_fields(), self.kept)
+
+    def _check(self, layout):
+        self._check_shapes(layout, layout.kv_len, f"kv_len={layout.kv_len} (one score per key)")
+        if self.kept is not None and self.kept.shape[0] not in (1, layout.batch):
+            raise ValueError(f"topk kept has batch {self.kept.shape[0]}, but the inputs have batch {layout.batch}")
+
     def __repr__(self):
         among = "" if self.among is None else f", among={self.among!r}"
-        return f"topk(<scores {tuple(self.scores.shape)}>, {self.k}{among})"
+        kept = "" if self.kept is None else f", kept=<{tuple(self.kept.shape)}>"
+        return f"topk(<scores {tuple(self.scores.shape)}>, {self.k}{among}{kept})"
 
 
 class TopKBlocks(_ContentMask):
@@ -332,7 +396,7 @@ class TopKBlocks(_ContentMask):
         return f"topk_blocks(<scores {tuple(self.scores.shape)}>, {self.k}, block_size={self.block_size}{among})"
 
 
-def topk(scores: torch.Tensor, k: int, *, among: Mask | None = None) -> Mask:
+def topk(scores: torch.Tensor, k: int, *, among: Mask | None = None, kept: torch.Tensor | None = None) -> Mask:
     """Content top-k: query ``i`` keeps the ``k`` highest-scoring keys ``j <= i``.
 
     Ties go to the later key, so constant scores select exactly ``sliding_window(k)``. The top-k is
@@ -347,6 +411,11 @@ def topk(scores: torch.Tensor, k: int, *, among: Mask | None = None) -> Mask:
             (keys where ``valid`` is false never compete: left padding, for one), ``fm.document(ids)``
             (packed, contiguous documents), or several of them with ``&``. The result is
             ``among & top-k``.
+        kept: for decoding, the keys the one query keeps, as :meth:`TopK.keep` returns them
+            (``[B, Hs, min(k, KV)]`` int64): a one-query call then attends to those (and ``among``'s)
+            instead of selecting over all ``KV`` keys again. flexmask does not check that they are
+            the top-k: pass what ``keep`` returned for this query and these scores. Other calls
+            (several queries, or the reference backend) select as usual.
 
     Examples:
         >>> import torch, flexmask as fm
@@ -354,7 +423,7 @@ def topk(scores: torch.Tensor, k: int, *, among: Mask | None = None) -> Mask:
         >>> fm.topk(s, 2).to_dense(5, 5)[0, 0].int().tolist()
         [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 0, 1, 0], [1, 0, 0, 1, 0]]
     """
-    return TopK(scores, k, among)
+    return TopK(scores, k, among, kept)
 
 
 def topk_blocks(scores: torch.Tensor, k: int, *, block_size: int = BLOCK, among: Mask | None = None) -> Mask:

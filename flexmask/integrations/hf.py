@@ -386,9 +386,10 @@ def attention_forward(
     mask = attention_mask.combined(None if spec is None else spec.mask)
     bias = None if spec is None else spec.bias
     if spec is not None and spec.dma is not None:
-        scores = _key_scores(module, spec.dma, value, attention_mask, kwargs.get(CACHE_KWARG))  # [B, Hb, KV]
+        cache = kwargs.get(CACHE_KWARG)
+        scores = _key_scores(module, spec.dma, value, attention_mask, cache)  # [B, Hb, KV]
         bias = _with_key_bias(bias, scores, query.dtype)
-        mask = _and(mask, _dma_selection(scores, spec.dma, attention_mask))
+        mask = _and(mask, _dma_selection(scores, spec.dma, attention_mask, _cache_layer(cache, module.layer_idx)))
     out = attention(
         query,
         key,
@@ -456,6 +457,7 @@ def _cache_layer(cache: Any, layer_idx: int) -> Any:
 CACHE_KWARG = "flexmask_cache"
 """The keyword under which a DMA attention module hands its KV cache to the attention function."""
 _SCORES = "flexmask_scores"  # the attribute of a static cache layer holding (value states, their scores)
+_KEPT = "flexmask_kept"  # ... and (those scores, the last query's kept keys) for token selection
 
 
 def _written_positions(model: ModelMask, device: torch.device) -> torch.Tensor | None:
@@ -479,8 +481,9 @@ def _hand_cache(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, di
         return None
     if attn_implementation(module) != NAME:  # another implementation writes keys without their scores
         layer = _cache_layer(cache, module.layer_idx)
-        if getattr(layer, _SCORES, None) is not None:
-            setattr(layer, _SCORES, None)
+        for held in (_SCORES, _KEPT):
+            if getattr(layer, held, None) is not None:
+                setattr(layer, held, None)
         return None
     return args, {**kwargs, CACHE_KWARG: cache}
 
@@ -519,8 +522,10 @@ def _context_parallel(module, spec: _LayerSpec, query, key, value, model: ModelM
     return out.transpose(1, 2).contiguous(), None
 
 
-def _dma_selection(scores: torch.Tensor, config: DMAConfig, model: ModelMask) -> Mask | None:
-    """The top-``keep_window`` selection of DMA given the model's mask, or ``None`` when it keeps everything."""
+def _dma_selection(scores: torch.Tensor, config: DMAConfig, model: ModelMask, layer: Any = None) -> Mask | None:
+    """The top-``keep_window`` selection of DMA given the model's mask, or ``None`` when it keeps
+    everything. Beside a static cache layer that keeps the scores, token selection also keeps the
+    last query's kept keys there (:func:`_kept_keys`)."""
     keep_window = config.keep_window
     if not model.aligned and model.q_start is None:
         raise NotImplementedError(
@@ -533,7 +538,39 @@ def _dma_selection(scores: torch.Tensor, config: DMAConfig, model: ModelMask) ->
         if model.window <= keep_window:
             return None  # the window holds at most keep_window keys: top-k keeps them all
         raise NotImplementedError(f"DMA top-{keep_window} inside a sliding window of {model.window} is not supported")
-    return config.content_mask(scores, among=model.candidates())
+    selection = config.content_mask(scores, among=model.candidates())
+    held = getattr(layer, _SCORES, None)
+    if config.selection != "token" or held is None or held[1] is not scores:
+        return selection
+    kept = _kept_keys(layer, selection, model)
+    return selection if model.q_length > 1 else config.content_mask(scores, among=selection.among, kept=kept)
+
+
+def _kept_keys(layer: Any, selection: Any, model: ModelMask) -> torch.Tensor:
+    """The keys the call's last query keeps, held on the static cache ``layer`` beside the scores
+    (``[B, Hb, keep_window]``, written in place: the same buffer in every step of a CUDA graph).
+
+    The query before the step's kept keys give its own in ``O(keep_window)``
+    (:meth:`flexmask.TopK.keep` with ``previous=``): generate's decoding steps follow each other
+    position by position. A call over several queries (a prefill) selects over every key instead,
+    and so does any call whose scores are new (a cache replaced or reordered, held scores dropped).
+    """
+    q, start = model.q_length, model.q_start
+    if isinstance(start, torch.Tensor):
+        query = start.reshape(-1)[:1] + (q - 1)
+    else:
+        query = (model.kv_length - q if start is None else start) + q - 1
+    held = getattr(layer, _KEPT, None)
+    if q == 1 and held is not None and held[0] is selection.scores:
+        kept = selection.keep(query, previous=held[1])
+    else:
+        kept = selection.keep(query)
+        if held is None or held[0] is not selection.scores or held[1].shape != kept.shape:
+            mark_static_address(kept)  # written in place by compiled decoding steps (CUDA graphs)
+            setattr(layer, _KEPT, (selection.scores, kept))
+            return kept
+    held[1].copy_(kept)
+    return held[1]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -92,6 +92,74 @@ def topk_candidates(
     return Gathered(top, top <= query)  # past the query: picked only when fewer keys exist
 
 
+def given_candidates(kept: torch.Tensor, layout: Layout) -> Gathered:
+    """The positions ``kept`` ``[B|1, Hs, S]`` (from :meth:`TopK.keep <flexmask.algebra.content.TopK.keep>`,
+    ``-1`` for none) as the one query's candidates: valid where in ``0 .. query``."""
+    kept = kept.to(layout.device)
+    kept = kept.expand(layout.batch, *kept.shape[1:])
+    query = _as_position(layout.offset, layout.device).view(1, 1, 1)
+    return Gathered(kept.clamp(0, layout.kv_len - 1), (kept >= 0) & (kept <= query))
+
+
+def kept_keys(
+    scores: torch.Tensor,
+    k: int,
+    query: int | torch.Tensor,
+    batch: int,
+    ids: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``[B, Hs, min(k, N)]`` int64: the keys ``fm.topk(scores, k, among=...)`` keeps for the one
+    query at position ``query``, ``-1`` where it keeps fewer (``O(N)``: one top-k over the scores)."""
+    scores = scores.detach()
+    top = _topk_positions(scores, min(k, scores.shape[-1]), batch, ids, valid, query)
+    return torch.where(top <= _as_position(query, scores.device).view(1, 1, 1), top, -1)
+
+
+def _kept_step_eager(scores, previous, batch: int, ids, valid, query) -> torch.Tensor:
+    s, segments = key_candidates(scores, (batch, scores.device), ids, valid)
+    b, hs, n = s.shape
+    t = _as_position(query, s.device).view(1, 1, 1).expand(b, hs, 1)
+    previous = previous.to(s.device).expand(b, hs, previous.shape[-1])
+    entries = torch.cat([previous, t], -1)  # [B, Hs, S + 1]: the previous query's keys and the new one
+    at = entries.clamp(0, n - 1)
+    fresh = torch.cat([(previous >= 0) & (previous < t), t < n], -1)  # (a replayed position counts once)
+    if segments is not None:  # keys of the query's document only (documents are contiguous)
+        fresh &= segments.gather(-1, at) == segments.gather(-1, t.clamp(max=n - 1))
+    score = s.gather(-1, at)
+    # the entry the selection ranks last: a stale one if any, else the lowest score, the earliest on ties
+    lowest = torch.where(fresh, score, float("inf")).amin(-1, keepdim=True)
+    earliest = torch.where(fresh & (score == lowest), entries, n).argmin(-1, keepdim=True)
+    drop = torch.where((~fresh).any(-1, keepdim=True), (~fresh).int().argmax(-1, keepdim=True), earliest)
+    width = previous.shape[-1]
+    slot = torch.arange(width, device=s.device)
+    kept = torch.where(fresh[..., :width], previous, -1)
+    return torch.where(slot == drop, torch.where(fresh[..., width:], t, -1), kept)
+
+
+# a dozen elementwise kernels and reductions over S + 1 entries become one or two on CUDA
+_kept_step = compiled_on_cuda(_kept_step_eager, dynamic=None)
+
+
+def kept_step(
+    scores: torch.Tensor,
+    previous: torch.Tensor,
+    query: int | torch.Tensor,
+    batch: int,
+    ids: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`kept_keys` for the query at ``query`` from ``previous``, the keys kept for the query
+    before it (``O(S)`` for ``S`` kept keys): those and key ``query``, less the one ranked last.
+
+    Exact when the scores of the keys before ``query`` are those ``previous`` was selected from:
+    a key's rank among the keys before a query does not depend on the query. Entries of
+    ``previous`` at or after ``query`` are dropped, so a step replayed at the same position, or the
+    first position, gives the same keys.
+    """
+    return _kept_step(scores.detach(), previous, batch, ids, valid, query)
+
+
 def _topk_positions_eager(scores, k: int, batch: int, ids, valid, query) -> torch.Tensor:
     s, segments = key_candidates(scores, (batch, scores.device), ids, valid)
     b, hs, n = s.shape

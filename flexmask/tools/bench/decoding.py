@@ -1,6 +1,7 @@
 """``bench decode``: one layer's decoding step — one new query against a KV cache of ``L`` keys —
 for SDPA, flex causal, and DMA token and block selection (the selection recomputed from all ``L``
-scores in every step, as when a token arrives), eager and replayed from a CUDA graph.
+scores in every step, as when a token arrives; or, for token selection, carried on from the
+previous query's kept keys), eager and replayed from a CUDA graph.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from .harness import Benchmark, Note, finish, make_env, meta
 from .options import add_device_arguments, add_run_arguments, apply_presets, csv_choices, parse_lengths
 from .report import Column, Report, Row, ratio
 
-VARIANTS = ("sdpa", "flex-causal", "token", "block")
+VARIANTS = ("sdpa", "flex-causal", "token", "token-step", "block")
 TITLES = {
     "sdpa": "SDPA (all keys)",
     "flex-causal": "flexmask causal (flex)",
     "token": "DMA token top-w",
+    "token-step": "DMA token top-w, kept keys carried",
     "block": "DMA block top-w/128",
 }
 COLUMNS = [
@@ -40,6 +42,9 @@ NOTES = [
     "every key (the last row of causal attention). DMA rows rebuild their selection from fresh per-key scores "
     "[B, Hkv, L] in every step (options={'cache': False}): one top-k over all L scores, then attention over the "
     "kept keys only (flexmask's gather plan). `x` columns: SDPA's time over the variant's (higher is faster).",
+    "DMA token, kept keys carried: the previous query's kept keys are state beside the cache (as fm.hf keeps "
+    "them on a static cache layer), and the step goes on from them: `sel.keep(t, previous=kept)`, O(w) instead "
+    "of a top-k over all L scores, written back in place, then attention with `fm.topk(s, w, kept=kept)`.",
     "CUDA graph: the whole step (selection included) captured once and replayed; eager: Python and launches included.",
     "dynamo is reset before each (L, batch): the selection compiles for that shape, as in a decoding step over a "
     "static cache. A cache that grows by one key per step runs the dynamic-shape compilation instead (block "
@@ -88,6 +93,15 @@ def _step(variant: str, q, k, v, s, window: int) -> Callable[[], torch.Tensor]:
         return lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1])
     if variant == "flex-causal":
         return lambda: fm.attention(q, k, v, mask=fm.causal())
+    if variant == "token-step":
+        t = torch.full((1,), s.shape[-1] - 1, device=s.device)  # the query's position, a tensor as in generate()
+        held = fm.topk(s, window).keep(s.shape[-1] - 2)  # the previous query's kept keys
+
+        def step() -> torch.Tensor:
+            held.copy_(fm.topk(s, window).keep(t, previous=held))
+            return fm.attention(q, k, v, mask=fm.topk(s, window, kept=held), bias=fm.key_bias(s), q_offset=t)
+
+        return step
     select = dma_selection(variant, window)
     return lambda: fm.attention(q, k, v, mask=select(s), bias=fm.key_bias(s), options={"cache": False})
 
