@@ -95,10 +95,15 @@ def topk_candidates(
 def given_candidates(kept: torch.Tensor, layout: Layout) -> Gathered:
     """The positions ``kept`` ``[B|1, Hs, S]`` (from :meth:`TopK.keep <flexmask.algebra.content.TopK.keep>`,
     ``-1`` for none) as the one query's candidates: valid where in ``0 .. query``."""
-    kept = kept.to(layout.device)
-    kept = kept.expand(layout.batch, *kept.shape[1:])
-    query = _as_position(layout.offset, layout.device).view(1, 1, 1)
-    return Gathered(kept.clamp(0, layout.kv_len - 1), (kept >= 0) & (kept <= query))
+    return Gathered(*_given(kept.to(layout.device), layout.batch, layout.kv_len, layout.offset))
+
+
+def _given_eager(kept, batch: int, n: int, query) -> tuple[torch.Tensor, torch.Tensor]:
+    kept = kept.expand(batch, *kept.shape[1:])
+    return kept.clamp(0, n - 1), (kept >= 0) & (kept <= _as_position(query, kept.device).view(1, 1, 1))
+
+
+_given = compiled_on_cuda(_given_eager, dynamic=None)  # one kernel instead of four in a decoding step
 
 
 def kept_keys(
