@@ -266,6 +266,7 @@ DECODE_STYLE = {
     "sdpa": ("SDPA over all keys", "#444444", "o"),
     "flex-causal": ("flexmask causal (flex)", "#9467bd", "v"),
     "token": ("DMA token top-2048 (gather)", "#1f77b4", "^"),
+    "token-step": ("DMA token, kept keys carried", "#17becf", "v"),
     "block": ("DMA block top-16×128 (gather)", "#d62728", "D"),
 }
 

@@ -77,7 +77,7 @@ class DMAConfig:
 
     def content_mask(self, scores: torch.Tensor, among: Mask | None = None, kept: torch.Tensor | None = None) -> Mask:
         """The selection mask for per-key ``scores`` ``[B, Hb, N]`` (detached inside); ``kept``: a
-        decoding query's kept keys (token selection, see :meth:`flexmask.TopK.keep`)."""
+        decoding query's kept keys (token selection, see ``fm.topk(...).keep``)."""
         if self.selection == "token":
             return topk(scores, self.keep_window, among=among, kept=kept)
         return topk_blocks(scores, self.blocks_kept, block_size=self.block_size, among=among)

@@ -179,6 +179,8 @@ class _ContentMask(Mask):
 
 
 class TopK(_ContentMask):
+    """What :func:`topk` returns: a mask of the algebra, and for decoding its :meth:`keep`."""
+
     def __init__(self, scores: torch.Tensor, k: int, among: Mask | None = None, kept: torch.Tensor | None = None):
         super().__init__(scores, k, among, "topk")
         self.kept = None if kept is None else self._check_kept("topk kept", kept)
@@ -411,7 +413,7 @@ def topk(scores: torch.Tensor, k: int, *, among: Mask | None = None, kept: torch
             (keys where ``valid`` is false never compete: left padding, for one), ``fm.document(ids)``
             (packed, contiguous documents), or several of them with ``&``. The result is
             ``among & top-k``.
-        kept: for decoding, the keys the one query keeps, as :meth:`TopK.keep` returns them
+        kept: for decoding, the keys the one query keeps, as ``fm.topk(...).keep`` returns them
             (``[B, Hs, min(k, KV)]`` int64): a one-query call then attends to those (and ``among``'s)
             instead of selecting over all ``KV`` keys again. flexmask does not check that they are
             the top-k: pass what ``keep`` returned for this query and these scores. Other calls

@@ -551,7 +551,7 @@ def _kept_keys(layer: Any, selection: Any, model: ModelMask) -> torch.Tensor:
     (``[B, Hb, keep_window]``, written in place: the same buffer in every step of a CUDA graph).
 
     The query before the step's kept keys give its own in ``O(keep_window)``
-    (:meth:`flexmask.TopK.keep` with ``previous=``): generate's decoding steps follow each other
+    (``fm.topk(...).keep`` with ``previous=``): generate's decoding steps follow each other
     position by position. A call over several queries (a prefill) selects over every key instead,
     and so does any call whose scores are new (a cache replaced or reordered, held scores dropped).
     """

@@ -93,7 +93,7 @@ def topk_candidates(
 
 
 def given_candidates(kept: torch.Tensor, layout: Layout) -> Gathered:
-    """The positions ``kept`` ``[B|1, Hs, S]`` (from :meth:`TopK.keep <flexmask.algebra.content.TopK.keep>`,
+    """The positions ``kept`` ``[B|1, Hs, S]`` (from ``fm.topk(...).keep``,
     ``-1`` for none) as the one query's candidates: valid where in ``0 .. query``."""
     return Gathered(*_given(kept.to(layout.device), layout.batch, layout.kv_len, layout.offset))
 
