@@ -225,7 +225,7 @@ def test_kept_keys_are_checked(gen):
     kept = sel.keep(10)
     with pytest.raises(TypeError, match="kept"):
         fm.topk(s, 4, kept=kept.tolist())
-    for bad in (kept.int(), kept[:, :1], torch.zeros(B, HKV, 5, dtype=torch.long), kept[0]):
+    for bad in (kept.int(), kept[:, :1], torch.zeros(B, HKV, 5, dtype=torch.long), kept[..., :3], kept[0]):
         with pytest.raises(ValueError, match="kept"):
             fm.topk(s, 4, kept=bad)
     with pytest.raises(ValueError, match="batch"):

@@ -190,9 +190,9 @@ class TopK(_ContentMask):
             raise TypeError(f"{name} must be an int64 tensor from keep(), got {type(kept).__name__}")
         _, hs, n = self.scores.shape
         width = min(self.k, n)
-        if kept.dtype != torch.int64 or kept.dim() != 3 or kept.shape[1] != hs or not 0 < kept.shape[2] <= width:
+        if kept.dtype != torch.int64 or kept.dim() != 3 or kept.shape[1:] != (hs, width):
             raise ValueError(
-                f"{name} must be int64 [batch, {hs}, at most {width}] (what keep() returns for scores "
+                f"{name} must be int64 [batch, {hs}, {width}] (what keep() returns for scores "
                 f"{tuple(self.scores.shape)} and k={self.k}), got dtype {kept.dtype} and shape {tuple(kept.shape)}"
             )
         return kept
