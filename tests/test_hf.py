@@ -799,6 +799,26 @@ def test_dma_static_cache_keeps_the_kept_keys(gen, monkeypatch):
         assert torch.equal(kept.sort(-1).values, fresh.sort(-1).values)
 
 
+def test_dma_static_cache_reset_and_decoded_again_from_one_token(gen):
+    """A static cache reset and used again, from a one-token prompt (a single query at position 0,
+    while the layer still holds the kept keys of the last sequence's last step): each step's logits
+    equal those of the model over the same tokens without a cache."""
+    model = llama(torch.float64)
+    fm.hf.to_dma(model, keep_window=4, selection="token")
+    for layer in model.model.layers:
+        layer.self_attn.A.data.normal_(generator=gen)
+    ids = torch.randint(1, V, (2, 20), generator=gen)
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache = transformers.StaticCache(config=model.config, max_cache_len=20)
+    with torch.no_grad():
+        for prompt, seq in ((6, ids), (1, ids.flip(-1)), (3, ids.roll(5, -1))):
+            cache.reset()
+            model(seq[:, :prompt], **{name: cache}, cache_position=torch.arange(prompt))
+            for p in range(prompt, 20):
+                got = model(seq[:, p : p + 1], **{name: cache}, cache_position=torch.tensor([p])).logits[:, -1]
+                close(got, model(seq[:, : p + 1], use_cache=False).logits[:, -1], torch.float64)
+
+
 def test_dma_static_cache_survives_steps_under_another_implementation(gen):
     """Decoding steps run under another attention implementation write keys into the static cache
     without their scores: back under flexmask the kept scores are computed anew, and the logits
