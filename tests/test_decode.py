@@ -98,14 +98,20 @@ def test_decode_among_padding_and_documents_and_other_factors(gen):
     assert kind(fm.topk(s, 40), L, backend="reference") == "reference"
 
 
-@pytest.mark.parametrize("content", ["token", "block"])
+@pytest.mark.parametrize("content", ["token", "block", "token-carried"])
 def test_decode_gather_traces_as_one_graph(content, gen):
-    """Fixed shapes, no host synchronisation: the whole decode step traces into one graph."""
+    """Fixed shapes, no host synchronisation: the whole decode step traces into one graph (with the
+    kept keys carried, their update too, at a query position given as a tensor)."""
     L = 200
     q, k, v = cache(gen, L, dtype=torch.float32)
-    select = (lambda s: fm.topk(s, 16)) if content == "token" else (lambda s: fm.topk_blocks(s, 2, block_size=32))
+    select = (lambda s: fm.topk(s, 16)) if content != "block" else (lambda s: fm.topk_blocks(s, 2, block_size=32))
+    t = torch.tensor([L - 1])
+    held = fm.topk(torch.randn(B, HKV, L, generator=gen), 16).keep(L - 2)
 
     def step(q, k, v, s):
+        if content == "token-carried":
+            kept = fm.topk(s, 16).keep(t, previous=held)
+            return fm.attention(q, k, v, mask=fm.topk(s, 16, kept=kept), bias=fm.key_bias(s), q_offset=t)
         return fm.attention(q, k, v, mask=select(s), bias=fm.key_bias(s))
 
     s = torch.randn(B, HKV, L, generator=gen)
