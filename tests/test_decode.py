@@ -4,6 +4,7 @@ documents, GQA, and every head layout of the scores."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -239,7 +240,9 @@ def test_kept_keys_are_checked(gen):
     for query, error in ((20, ValueError), (-1, ValueError), (2.0, TypeError), (True, TypeError)):
         with pytest.raises(error, match="query"):
             sel.keep(query)
-    with pytest.raises(ValueError, match="query"):
-        sel.keep(torch.tensor([1, 2]))
+    for query in (torch.tensor([1, 2]), torch.tensor([20]), torch.tensor(-3), torch.tensor([True])):
+        with pytest.raises(ValueError, match="query"):
+            sel.keep(query)
+    assert torch.equal(sel.keep(np.int64(10)), kept)  # an integer of another kind
     with pytest.raises(ValueError, match="previous"):
         sel.keep(11, previous=kept[..., :0])

@@ -15,6 +15,8 @@ Examples:
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
@@ -221,15 +223,24 @@ class TopK(_ContentMask):
             ([[[0, 3]]], [[[0, 3]]])
         """
         device = self.scores.device
-        if isinstance(query, bool) or not isinstance(query, int | torch.Tensor):
-            raise TypeError(f"keep's query must be an int or a one-element tensor, got {type(query).__name__}")
+        if not isinstance(query, torch.Tensor):
+            if isinstance(query, bool) or not hasattr(query, "__index__"):
+                raise TypeError(f"keep's query must be an int or a one-element tensor, got {type(query).__name__}")
+            query = operator.index(query)  # (a NumPy integer, say)
         n = self.scores.shape[-1]
-        if isinstance(query, int) and not 0 <= query < n:
-            raise ValueError(f"keep's query must be a position in 0 .. {n - 1} (the scores' keys), got {query}")
-        if isinstance(query, torch.Tensor) and (query.numel() != 1 or query.dtype.is_floating_point):
-            raise ValueError(
-                f"keep's query must be one integer position, got a {query.dtype} tensor of shape {tuple(query.shape)}"
-            )
+        if isinstance(query, torch.Tensor):
+            if query.numel() != 1 or query.dtype.is_floating_point or query.dtype == torch.bool:
+                raise ValueError(
+                    f"keep's query must be one integer position, got a {query.dtype} tensor of shape "
+                    f"{tuple(query.shape)}"
+                )
+            # read only where that costs no device synchronisation (and not while tracing)
+            readable = query.device.type == "cpu" and not torch.compiler.is_compiling()
+            position = int(query) if readable else None
+        else:
+            position = query
+        if position is not None and not 0 <= position < n:
+            raise ValueError(f"keep's query must be a position in 0 .. {n - 1} (the scores' keys), got {position}")
         batch = self._dims()[0]
         valid = self._competing(n, device)
         if previous is None:
