@@ -246,3 +246,22 @@ def test_kept_keys_are_checked(gen):
     assert torch.equal(sel.keep(np.int64(10)), kept)  # an integer of another kind
     with pytest.raises(ValueError, match="previous"):
         sel.keep(11, previous=kept[..., :0])
+
+
+def test_kept_keys_updated_in_place_are_seen_through_the_plan_cache(gen):
+    """One `fm.topk(..., kept=held)` expression reused while `held` is rewritten in place (as
+    `fm.hf` does), at int positions (where the plan cache keeps lowered gathers): every step
+    equals float64 attention over a brute-force top-k, never a stale gather."""
+    L, w = 40, 5
+    qs = torch.randn(B, HQ, L, D, generator=gen, dtype=torch.float64)
+    _, k, v = cache(gen, L)
+    s = torch.randn(B, HKV, L, generator=gen, dtype=torch.float64)
+    keep = heads_to(brute_topk(s, w), HQ)
+    want = ref_attention(qs, k, v, keep=keep, bias=heads_to(s, HQ)[:, :, None, :])
+    sel = fm.topk(s, w)
+    held = sel.keep(19)
+    mask = fm.topk(s, w, kept=held)
+    for t in range(20, L):
+        held.copy_(sel.keep(t, previous=held))
+        out = fm.attention(qs[:, :, t : t + 1], k, v, mask=mask, bias=fm.key_bias(s), q_offset=t)
+        torch.testing.assert_close(out, want[:, :, t : t + 1], rtol=1e-12, atol=1e-12)
