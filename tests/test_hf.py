@@ -53,6 +53,16 @@ def llama(dtype=torch.float32, layers=2):
     return seeded(lambda: transformers.LlamaForCausalLM(cfg)).to(dtype).eval()
 
 
+def dma_llama(gen: torch.Generator, **settings) -> torch.nn.Module:
+    """The float64 :func:`llama` converted with ``fm.hf.to_dma(model, **settings)``, its gates drawn
+    from ``gen`` (nonzero gates: a real content selection)."""
+    model = llama(torch.float64)
+    fm.hf.to_dma(model, **settings)
+    for layer in model.model.layers:
+        layer.self_attn.A.data.normal_(generator=gen)
+    return model
+
+
 def qwen3(dtype=torch.float32, sliding=None, layers=4):
     extra = {}
     if sliding is not None:  # layers 1 and 3 use a sliding window
@@ -279,10 +289,7 @@ def test_padded_dma_layers_plan_the_selection_alone(padding, gen, monkeypatch):
     seen = []
     real = hf_module.attention
     monkeypatch.setattr(hf_module, "attention", lambda *a, **kw: seen.append(kw["mask"]) or real(*a, **kw))
-    model = llama(torch.float64)
-    fm.hf.to_dma(model, keep_window=4)
-    for layer in model.model.layers:  # nonzero gates: a real content selection
-        layer.self_attn.A.data.normal_(generator=gen)
+    model = dma_llama(gen, keep_window=4)
     ids = distinct_tokens(2, 20, gen)
     am = {
         "left": left_padding(2, 20, 5),
@@ -694,10 +701,7 @@ def test_gpu_dma_token_model_trains_through_the_in_place_kernel(monkeypatch):
 def test_dma_models_under_inference_mode(selection, gen):
     """Serving stacks run models under torch.inference_mode: a converted model's forward and
     generate() there give what they give under no_grad (content selections from inference tensors)."""
-    model = llama(torch.float64)
-    fm.hf.to_dma(model, keep_window=8, selection=selection, block_size=4)
-    for layer in model.model.layers:  # nonzero gates: a real content selection
-        layer.self_attn.A.data.normal_(generator=gen)
+    model = dma_llama(gen, keep_window=8, selection=selection, block_size=4)
     ids = torch.randint(1, V, (2, 24), generator=gen)
     settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.no_grad():
@@ -726,10 +730,7 @@ def test_dma_generate_with_a_static_cache(selection, gen):
     """transformers' static cache holds empty slots after the queries: DMA's selection and the
     model's mask see the queries where they are, and generate() gives the dynamic cache's tokens
     (left padding, a real content selection)."""
-    model = llama(torch.float64)
-    fm.hf.to_dma(model, keep_window=6, selection=selection, block_size=4)
-    for layer in model.model.layers:
-        layer.self_attn.A.data.normal_(generator=gen)
+    model = dma_llama(gen, keep_window=6, selection=selection, block_size=4)
     ids = torch.randint(1, V, (2, 14), generator=gen)
     settings = dict(attention_mask=left_padding(2, 14, 3), max_new_tokens=8, do_sample=False, pad_token_id=0)
     with torch.no_grad():
@@ -742,10 +743,7 @@ def test_dma_static_cache_keeps_key_scores(gen):
     """Beside a static cache each key is scored once, when it is written: after the prefill, every
     decoding step runs `dt_proj` on its one new value per sequence, and the scores kept on the
     cache layer equal those of all its value states."""
-    model = llama(torch.float64)
-    fm.hf.to_dma(model, keep_window=6, selection="token")
-    for layer in model.model.layers:
-        layer.self_attn.A.data.normal_(generator=gen)
+    model = dma_llama(gen, keep_window=6, selection="token")
     rows: list[int] = []
     model.model.layers[0].self_attn.dt_proj.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[1]))
     ids = torch.randint(1, V, (2, 11), generator=gen)
@@ -768,10 +766,7 @@ def test_dma_static_cache_keeps_the_kept_keys(gen, monkeypatch):
     """Beside a static cache, token selection keeps the last query's kept keys: the prefill selects
     over every key once, each decoding step goes on from the step before in O(keep_window)
     (`TopK.keep(previous=...)`), and the tokens are those of the dynamic cache (left padding)."""
-    model = llama(torch.float64)
-    fm.hf.to_dma(model, keep_window=5, selection="token")
-    for layer in model.model.layers:
-        layer.self_attn.A.data.normal_(generator=gen)
+    model = dma_llama(gen, keep_window=5, selection="token")
     calls = {"all": 0, "step": 0}
     for name, key in (("kept_keys", "all"), ("kept_step", "step")):
         original = getattr(fm.lowering.decode, name)
@@ -803,19 +798,15 @@ def test_dma_static_cache_reset_and_decoded_again_from_one_token(gen):
     """A static cache reset and used again, from a one-token prompt (a single query at position 0,
     while the layer still holds the kept keys of the last sequence's last step): each step's logits
     equal those of the model over the same tokens without a cache."""
-    model = llama(torch.float64)
-    fm.hf.to_dma(model, keep_window=4, selection="token")
-    for layer in model.model.layers:
-        layer.self_attn.A.data.normal_(generator=gen)
+    model = dma_llama(gen, keep_window=4, selection="token")
     ids = torch.randint(1, V, (2, 20), generator=gen)
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     cache = transformers.StaticCache(config=model.config, max_cache_len=20)
     with torch.no_grad():
         for prompt, seq in ((6, ids), (1, ids.flip(-1)), (3, ids.roll(5, -1))):
             cache.reset()
-            model(seq[:, :prompt], **{name: cache}, cache_position=torch.arange(prompt))
+            model(seq[:, :prompt], **{CACHE: cache}, cache_position=torch.arange(prompt))
             for p in range(prompt, 20):
-                got = model(seq[:, p : p + 1], **{name: cache}, cache_position=torch.tensor([p])).logits[:, -1]
+                got = model(seq[:, p : p + 1], **{CACHE: cache}, cache_position=torch.tensor([p])).logits[:, -1]
                 close(got, model(seq[:, : p + 1], use_cache=False).logits[:, -1], torch.float64)
 
 
@@ -823,19 +814,13 @@ def test_dma_static_cache_survives_steps_under_another_implementation(gen):
     """Decoding steps run under another attention implementation write keys into the static cache
     without their scores: back under flexmask the kept scores are computed anew, and the logits
     equal those of the same steps over a dynamic cache (which keeps no scores)."""
-    model = llama(torch.float64)
-    fm.hf.to_dma(model, keep_window=5, selection="token")
-    for layer in model.model.layers:
-        layer.self_attn.A.data.normal_(generator=gen)
+    model = dma_llama(gen, keep_window=5, selection="token")
     ids = torch.randint(1, V, (2, 14), generator=gen)
-
-    # transformers renamed `past_key_values` to `cache` (5.24 warns on the old name; 5.4 has only it)
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def steps(cache):
         for step, (lo, hi) in enumerate([(0, 10), (10, 11), (11, 12), (12, 13), (13, 14)]):
             model.set_attn_implementation("eager" if step in (1, 2) else hf.NAME)
-            logits = model(ids[:, lo:hi], **{name: cache}, cache_position=torch.arange(lo, hi)).logits
+            logits = model(ids[:, lo:hi], **{CACHE: cache}, cache_position=torch.arange(lo, hi)).logits
         return logits
 
     with torch.no_grad():
@@ -847,10 +832,7 @@ def test_dma_static_cache_survives_steps_under_another_implementation(gen):
 def test_dma_static_cache_beam_search(gen):
     """Beam search reorders the cache's tensors: the kept key scores are computed anew, and the
     beams equal those of the dynamic cache."""
-    model = llama(torch.float64)
-    fm.hf.to_dma(model, keep_window=5, selection="token")
-    for layer in model.model.layers:
-        layer.self_attn.A.data.normal_(generator=gen)
+    model = dma_llama(gen, keep_window=5, selection="token")
     ids = torch.randint(1, V, (2, 9), generator=gen)
     settings = dict(max_new_tokens=6, do_sample=False, num_beams=3, pad_token_id=0)
     with torch.no_grad():
