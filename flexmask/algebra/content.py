@@ -222,12 +222,6 @@ class TopK(_ContentMask):
             >>> kept.sort(-1).values.tolist(), fm.topk(s, 2).keep(4, previous=kept).sort(-1).values.tolist()
             ([[[0, 3]]], [[[0, 3]]])
         """
-        device = self.scores.device
-        if not isinstance(query, torch.Tensor):
-            if isinstance(query, bool) or not hasattr(query, "__index__"):
-                raise TypeError(f"keep's query must be an int or a one-element tensor, got {type(query).__name__}")
-            query = operator.index(query)  # (a NumPy integer, say)
-        n = self.scores.shape[-1]
         if isinstance(query, torch.Tensor):
             if query.numel() != 1 or query.dtype.is_floating_point or query.dtype == torch.bool:
                 raise ValueError(
@@ -237,12 +231,15 @@ class TopK(_ContentMask):
             # read only where that costs no device synchronisation (and not while tracing)
             readable = query.device.type == "cpu" and not torch.compiler.is_compiling()
             position = int(query) if readable else None
+        elif isinstance(query, bool) or not hasattr(query, "__index__"):
+            raise TypeError(f"keep's query must be an int or a one-element tensor, got {type(query).__name__}")
         else:
-            position = query
+            query = position = operator.index(query)  # (a NumPy integer, say)
+        n = self.scores.shape[-1]
         if position is not None and not 0 <= position < n:
             raise ValueError(f"keep's query must be a position in 0 .. {n - 1} (the scores' keys), got {position}")
         batch = self._dims()[0]
-        valid = self._competing(n, device)
+        valid = self._competing(n, self.scores.device)
         if previous is None:
             return decode.kept_keys(self.scores, self.k, query, batch, self._ids, valid)
         self._check_kept("keep's previous", previous)

@@ -386,10 +386,10 @@ def attention_forward(
     mask = attention_mask.combined(None if spec is None else spec.mask)
     bias = None if spec is None else spec.bias
     if spec is not None and spec.dma is not None:
-        cache = kwargs.get(CACHE_KWARG)
-        scores = _key_scores(module, spec.dma, value, attention_mask, cache)  # [B, Hb, KV]
+        layer = _cache_layer(kwargs.get(CACHE_KWARG), module.layer_idx)
+        scores = _key_scores(module, spec.dma, value, attention_mask, layer)  # [B, Hb, KV]
         bias = _with_key_bias(bias, scores, query.dtype)
-        mask = _and(mask, _dma_selection(scores, spec.dma, attention_mask, _cache_layer(cache, module.layer_idx)))
+        mask = _and(mask, _dma_selection(scores, spec.dma, attention_mask, layer))
     out = attention(
         query,
         key,
@@ -410,8 +410,9 @@ def _with_key_bias(bias: Bias | None, scores: torch.Tensor, dtype: torch.dtype) 
     return dyn if bias is None else bias + dyn
 
 
-def _key_scores(module, config: DMAConfig, value: torch.Tensor, model: ModelMask, cache: Any) -> torch.Tensor:
-    """DMA's per-key scores ``[B, Hb, KV]`` of the keys this call attends to.
+def _key_scores(module, config: DMAConfig, value: torch.Tensor, model: ModelMask, layer: Any) -> torch.Tensor:
+    """DMA's per-key scores ``[B, Hb, KV]`` of the keys this call attends to (``layer``: the
+    module's layer of the KV cache, :func:`_cache_layer`, or ``None``).
 
     Each key's score depends on its value state only. Beside a static KV cache (a preallocated
     transformers cache layer, as ``generate`` makes for ``cache_implementation="static"``), outside
@@ -421,8 +422,6 @@ def _key_scores(module, config: DMAConfig, value: torch.Tensor, model: ModelMask
     replaced (beam search reorders them, batches are repeated or selected) they are computed anew
     from all value states, as they are for every other cache and without one.
     """
-
-    layer = _cache_layer(cache, module.layer_idx)
     if (
         layer is None
         or torch.is_grad_enabled()
@@ -550,10 +549,11 @@ def _kept_keys(layer: Any, selection: Any, model: ModelMask) -> torch.Tensor:
     """The keys the call's last query keeps, held on the static cache ``layer`` beside the scores
     (``[B, Hb, keep_window]``, written in place: the same buffer in every step of a CUDA graph).
 
-    The query before the step's kept keys give its own in ``O(keep_window)``
-    (``fm.topk(...).keep`` with ``previous=``): generate's decoding steps follow each other
-    position by position. A call over several queries (a prefill) selects over every key instead,
-    and so does any call whose scores are new (a cache replaced or reordered, held scores dropped).
+    A decoding step's query finds its kept keys from those of the query before it, in
+    ``O(keep_window)`` (``fm.topk(...).keep`` with ``previous=``): the static cache writes each
+    call's keys after the ones it holds, so steps follow each other position by position. A call
+    over several queries (a prefill) selects over every key instead, and so does any call whose
+    scores are new (a cache replaced or reordered, held scores dropped).
     """
     q, start = model.q_length, model.q_start
     if isinstance(start, torch.Tensor):
@@ -561,11 +561,13 @@ def _kept_keys(layer: Any, selection: Any, model: ModelMask) -> torch.Tensor:
     else:
         query = (model.kv_length - q if start is None else start) + q - 1
     held = getattr(layer, _KEPT, None)
-    if q == 1 and held is not None and held[0] is selection.scores:
+    if held is not None and held[0] is not selection.scores:  # kept for other scores
+        held = None
+    if q == 1 and held is not None:
         kept = selection.keep(query, previous=held[1])
     else:
         kept = selection.keep(query)
-        if held is None or held[0] is not selection.scores or held[1].shape != kept.shape:
+        if held is None or held[1].shape != kept.shape:
             mark_static_address(kept)  # written in place by compiled decoding steps (CUDA graphs)
             setattr(layer, _KEPT, (selection.scores, kept))
             return kept

@@ -135,7 +135,8 @@ def _kept_step_eager(scores, previous, batch: int, ids, valid, query) -> torch.T
     # the entry the selection ranks last: a stale one if any, else the lowest score, the earliest on ties
     lowest = torch.where(fresh, score, float("inf")).amin(-1, keepdim=True)
     earliest = torch.where(fresh & (score == lowest), entries, n).argmin(-1, keepdim=True)
-    drop = torch.where((~fresh).any(-1, keepdim=True), (~fresh).int().argmax(-1, keepdim=True), earliest)
+    stale = ~fresh
+    drop = torch.where(stale.any(-1, keepdim=True), stale.int().argmax(-1, keepdim=True), earliest)
     width = previous.shape[-1]
     slot = torch.arange(width, device=s.device)
     kept = torch.where(fresh[..., :width], previous, -1)
