@@ -95,11 +95,13 @@ def _step(variant: str, q, k, v, s, window: int) -> Callable[[], torch.Tensor]:
         return lambda: fm.attention(q, k, v, mask=fm.causal())
     if variant == "token-step":
         t = torch.full((1,), s.shape[-1] - 1, device=s.device)  # the query's position, a tensor as in generate()
-        held = fm.topk(s, window).keep(s.shape[-1] - 2)  # the previous query's kept keys
+        selection = fm.topk(s, window)
+        held = selection.keep(s.shape[-1] - 2)  # the previous query's kept keys, rewritten in place each step
+        mask = fm.topk(s, window, kept=held)
 
         def step() -> torch.Tensor:
-            held.copy_(fm.topk(s, window).keep(t, previous=held))
-            return fm.attention(q, k, v, mask=fm.topk(s, window, kept=held), bias=fm.key_bias(s), q_offset=t)
+            held.copy_(selection.keep(t, previous=held))
+            return fm.attention(q, k, v, mask=mask, bias=fm.key_bias(s), q_offset=t)
 
         return step
     select = dma_selection(variant, window)
