@@ -96,8 +96,13 @@ _SCAN_CHUNK = 1024
 
 @torch.library.custom_op("flexmask::cumsum", mutates_args=())
 def _unfused_cumsum(x: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
-    if dtype.is_floating_point or x.shape[dim] <= 2 * _SCAN_CHUNK:
+    if dtype.is_floating_point or x.is_floating_point() or x.shape[dim] <= 2 * _SCAN_CHUNK:
         return torch.cumsum(x.contiguous(), dim, dtype=dtype)  # contiguous, whatever the input's strides
+    if x.is_cuda and dim in (-1, x.dim() - 1):
+        from .backends.triton import scan  # (imported here: the backends import this module)
+
+        if scan.triton is not None:
+            return scan.row_cumsum(x, dtype)
     return _chunked_cumsum(x, dim, dtype)
 
 
