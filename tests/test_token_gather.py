@@ -42,8 +42,6 @@ def test_matches_float64(B, Hq, Hkv, Hs, N, w):
     v = torch.randn(B, Hkv, N, D, generator=g, requires_grad=True)
     scores = torch.randint(0, 4, (B, Hs, N), generator=g).float()  # ties
     ends = topk_ends(scores, None, w)
-    _, counts = tg.kept_lists(ends, 16)
-    assert int(counts.max()) <= w + 16 - 1
     t = torch.randn(B, Hs, N, generator=g, requires_grad=True)
     out = tg.token_gather_attention(q, k, v, ends, w, bias=t, block_m=16, block_n=16)
     ref = dense(q, k, v, ends, t, 1 / math.sqrt(D))
@@ -56,21 +54,37 @@ def test_matches_float64(B, Hq, Hkv, Hs, N, w):
         assert err < 1e-4 * (1 + b.abs().max().item()), (name, err)
 
 
+def test_kept_lists_hold_each_blocks_keys_those_kept_by_all_its_queries_first():
+    """The reference layout against the rule itself, query by query: a block's list holds the keys
+    some query of it keeps, those kept by all of its queries in front (``counts[..., 0]``)."""
+    g = torch.Generator().manual_seed(3)
+    n, w, block, cap = 75, 9, 8, 9 + 8
+    ends = topk_ends(torch.randint(0, 5, (2, 2, n), generator=g).float(), None, w)
+    lists, counts = tg.kept_lists(ends, block, cap)
+    i, j = torch.arange(n).view(-1, 1), torch.arange(n).view(1, -1)
+    for r, e in enumerate(ends.reshape(-1, n).long()):
+        kept = (j <= i) & (i < e)  # [queries, keys]
+        for m in range(-(-n // block)):
+            rows = kept[m * block : (m + 1) * block]
+            n_full, total = counts[r, m].tolist()
+            front, back = lists[r, m, :n_full], lists[r, m, cap - (total - n_full) :]
+            assert set(torch.cat([front, back]).tolist()) == set(rows.any(0).nonzero().flatten().tolist())
+            assert rows[:, front.long()].all() and not rows[:, back.long()].all(0).any()
+            assert torch.equal(front, front.sort().values) and total <= w + block - 1
+
+
 @interpreted
 def test_lists_kernel_equals_reference():
     g = torch.Generator().manual_seed(1)
     ends = topk_ends(torch.randn(2, 3, 300, generator=g), None, 37).contiguous()
-    lists, counts = tg.kept_lists(ends, 32)
     b, hs, n = ends.shape
     nqb, cap = -(-n // 32), 37 + 32
-    got_lists = torch.full((b * hs, nqb, cap), -1, dtype=torch.int32)
-    got_counts = torch.empty(b * hs, nqb, dtype=torch.int32)
+    lists, counts = tg.kept_lists(ends, 32, cap)
+    got_lists = torch.zeros((b * hs, nqb, cap), dtype=torch.int32)
+    got_counts = torch.empty(b * hs, nqb, 2, dtype=torch.int32)
     tg._lists[(nqb, b * hs)](ends, got_lists, got_counts, n, cap, nqb, BM=32, CHUNK=64)
-    assert torch.equal(got_counts, counts)
-    for r in range(b * hs):
-        for m in range(nqb):
-            c = int(counts[r, m])
-            assert torch.equal(got_lists[r, m, :c], lists[r, m, :c])
+    assert torch.equal(got_counts, counts) and bool((counts[..., 0] > 0).any())
+    assert torch.equal(got_lists, lists)
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="interpreted kernels are not compiled")

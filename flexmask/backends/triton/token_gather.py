@@ -3,10 +3,12 @@
 Under ``fm.topk(scores, w)`` query ``i`` keeps key ``j`` iff ``j <= i < e_j``, where ``e_j`` is the
 key's interval end (:func:`flexmask.lowering.selection.topk_ends`). A block of ``BM`` consecutive
 queries therefore keeps at most ``w + BM`` distinct keys: those with ``j < (m + 1)·BM`` and
-``e_j > m·BM``. Here each query block gets that list (ascending positions, built by one scan per
-block), and one program per (query block, query head) walks it in chunks of ``BN`` keys, loading
-the keys' rows, values, interval ends and biases by index; the rule ``j <= i < e_j`` masks inside
-the chunk. Nothing is copied and no BlockMask is built.
+``e_j > m·BM``. Here each query block gets that list (built by one scan per block), and one program
+per (query block, query head) walks it in chunks of ``BN`` keys, loading the keys' rows, values and
+biases by index. Most of a block's keys are kept by all of its queries (``j <= m·BM`` and ``e_j``
+past the block): the list holds those first, and their chunks need no mask; the rest (the block's
+own keys and those whose interval ends inside it) follow, masked by the rule ``j <= i < e_j``.
+Nothing is copied and no BlockMask is built.
 
 Backward, the same programs recompute the probabilities: ``dQ`` stays in registers, ``dK``/``dV``
 and the bias gradient (``Σ_i dS_ij``, summed over the chunk's queries first: one atomic per key and
@@ -29,23 +31,28 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 
-def kept_lists(ends: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+def kept_lists(ends: torch.Tensor, block: int, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For each query block ``m`` of ``block`` queries, the keys it keeps: ``(lists, counts)``,
-    ``[R, nqb, cap]`` int32 ascending positions (padding after ``counts``) and ``[R, nqb]`` int32,
-    with ``R = B·Hs`` rows of ``ends`` ``[B, Hs, N]`` and ``cap`` the longest list (``<= w + block``).
+    ``[R, nqb, cap]`` int32 positions and ``[R, nqb, 2]`` int32, with ``R = B·Hs`` rows of ``ends``
+    ``[B, Hs, N]``. ``counts[..., 0]`` keys kept by every query of the block come first, ascending;
+    the others (``counts[..., 1]`` in all) fill the list from its end, ascending towards the front;
+    zeros between.
 
-    Pure PyTorch reference of :func:`_kept_lists_kernel`, ``O(N² / block)`` per row."""
+    Pure PyTorch reference of the kernel :func:`_lists`, ``O(N² / block)`` per row."""
     b, hs, n = ends.shape
     e = ends.reshape(b * hs, 1, n).long()
     nqb = -(-n // block)
     lo = torch.arange(nqb, device=ends.device).view(1, -1, 1) * block
+    hi = (lo + block).clamp(max=n)
     j = torch.arange(n, device=ends.device).view(1, 1, -1)
-    keep = (j < lo + block) & (e > lo) & (e > j)  # [R, nqb, N]; e_j = j: a key no query keeps
-    counts = keep.sum(-1)
-    cap = max(int(counts.max()), 1)
-    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :cap]  # kept first, ascending
-    lists = torch.where(torch.arange(cap, device=ends.device) < counts[..., None], order, 0)
-    return lists.to(torch.int32), counts.to(torch.int32)
+    keep = (j < hi) & (e > lo) & (e > j)  # [R, nqb, N]; e_j = j: a key no query keeps
+    full = keep & (j <= lo) & (e >= hi)
+    partial = keep & ~full
+    slot = torch.where(full, full.cumsum(-1) - 1, cap - partial.cumsum(-1))
+    lists = torch.zeros(b * hs, nqb, cap + 1, dtype=torch.int32, device=ends.device)
+    lists.scatter_(-1, torch.where(keep, slot, cap), j.expand_as(keep).to(torch.int32))  # column cap: a sink
+    counts = torch.stack([full.sum(-1), keep.sum(-1)], -1)
+    return lists[..., :cap].contiguous(), counts.to(torch.int32)
 
 
 if triton is not None:
@@ -53,21 +60,30 @@ if triton is not None:
 
     @triton.jit
     def _lists(E, LIST, CNT, N, CAP, NQB, BM: tl.constexpr, CHUNK: tl.constexpr):
-        """One program per (query block, row): the keys ``j < hi`` with ``e_j > max(j, lo)``, in order."""
+        """One program per (query block, row): the keys ``j < hi`` with ``e_j > max(j, lo)``; those
+        kept by every query of the block (``j <= lo``, ``e_j >= hi``) from the front, the others
+        from the end (layout of :func:`kept_lists`)."""
         m = tl.program_id(0)
         row = tl.program_id(1).to(tl.int64)
         lo = m * BM
         hi = tl.minimum(lo + BM, N)
-        base = tl.zeros((), tl.int32)
+        n_full = tl.zeros((), tl.int32)
+        n_part = tl.zeros((), tl.int32)
         out = LIST + (row * NQB + m) * CAP
         for start in range(0, hi, CHUNK):
             j = start + tl.arange(0, CHUNK)
             e = tl.load(E + row * N + j, mask=j < hi, other=0)
-            keep = ((j < hi) & (e > lo) & (e > j)).to(tl.int32)
-            slot = base + tl.cumsum(keep, 0) - keep
-            tl.store(out + slot, j, mask=(keep == 1) & (slot < CAP))
-            base += tl.sum(keep, 0)
-        tl.store(CNT + row * NQB + m, tl.minimum(base, CAP))
+            keep = (j < hi) & (e > lo) & (e > j)
+            full = (keep & (j <= lo) & (e >= hi)).to(tl.int32)
+            part = keep.to(tl.int32) - full
+            slot = n_full + tl.cumsum(full, 0) - full
+            tl.store(out + slot, j, mask=(full == 1) & (slot < CAP))
+            slot = CAP - 1 - (n_part + tl.cumsum(part, 0) - part)
+            tl.store(out + slot, j, mask=(part == 1) & (slot >= 0))
+            n_full += tl.sum(full, 0)
+            n_part += tl.sum(part, 0)
+        tl.store(CNT + (row * NQB + m) * 2, tl.minimum(n_full, CAP))
+        tl.store(CNT + (row * NQB + m) * 2 + 1, tl.minimum(n_full + n_part, CAP))
 
     @triton.jit
     def _rows(
@@ -78,7 +94,7 @@ if triton is not None:
         """The program's ``STACK · BM`` query rows: ``STACK`` heads of one KV group (sharing their
         selection and bias heads) times ``BM`` queries. Returns the selection row (of ``E``/``LIST``),
         the bias row's offset, per query row its position and offsets, the KV head's offset, and
-        the query block's list (its length and offset)."""
+        the query block's list (its keys kept by all queries, its length and its offset)."""
         if STACK > 1:
             b = bh // (HQ // G)
             hkv = bh % (HQ // G)
@@ -95,28 +111,52 @@ if triton is not None:
         q_rows = ((b * HQ + heads).to(tl.int64) * N + i) * D  # offsets of the query rows in Q, O, dO, dQ
         kv_base = ((b * (HQ // G) + hkv).to(tl.int64) * N) * D
         stats = (b * HQ + heads).to(tl.int64) * N + i  # offsets in LSE, DELTA
-        count = tl.load(CNT + row * NQB + m)
+        n_full = tl.load(CNT + (row * NQB + m) * 2)
+        count = tl.load(CNT + (row * NQB + m) * 2 + 1)
         list_base = (row * NQB + m) * CAP
-        return row, t_row, i, q_rows, kv_base, stats, count, list_base
+        return row, t_row, i, q_rows, kv_base, stats, n_full, count, list_base
 
     @triton.jit
     def _chunk(
-        q, K, T, E, LIST, list_base, count, start, row, t_row, kv_base, i, N, qk_scale,
-        HAS_T: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
+        q, K, T, E, LIST, list_base, n_full, count, start, row, t_row, kv_base, i, N, CAP, qk_scale,
+        HAS_T: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, FULL: tl.constexpr,
     ):  # fmt: skip
         """One chunk of a query block's list: the keys' rows (offsets of ``K``/``V``), their keys, the
-        scores in base 2 (``-inf`` where ``j <= i < e_j`` fails) and which entries are in the list."""
+        scores in base 2 and which entries are in the list. A ``FULL`` chunk holds keys every query
+        of the block keeps; otherwise entries past ``n_full`` are read from the list's end and the
+        scores are ``-inf`` where ``j <= i < e_j`` fails."""
         c = start + tl.arange(0, BN)
         in_list = c < count
-        j = tl.load(LIST + list_base + c, mask=in_list, other=0)
+        if FULL:
+            j = tl.load(LIST + list_base + c)
+        else:
+            j = tl.load(LIST + list_base + tl.where(c < n_full, c, CAP - 1 - (c - n_full)), mask=in_list, other=0)
         rows = kv_base + j[:, None].to(tl.int64) * D + tl.arange(0, D)[None, :]  # the kept keys' rows, gathered
         k = tl.load(K + rows, mask=in_list[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         if HAS_T:
             s += tl.load(T + t_row + j, mask=in_list, other=0.0)[None, :] * _LOG2E
-        e = tl.load(E + row * N + j, mask=in_list, other=0)
-        keep = in_list[None, :] & (j[None, :] <= i[:, None]) & (i[:, None] < e[None, :])
-        return j, rows, k, tl.where(keep, s, float("-inf")), in_list
+        if not FULL:
+            e = tl.load(E + row * N + j, mask=in_list, other=0)
+            keep = in_list[None, :] & (j[None, :] <= i[:, None]) & (i[:, None] < e[None, :])
+            s = tl.where(keep, s, float("-inf"))
+        return j, rows, k, s, in_list
+
+    @triton.jit
+    def _fwd_chunk(
+        q, K, V, T, E, LIST, list_base, n_full, count, start, row, t_row, kv_base, i, N, CAP, qk_scale, m_i, l_i, acc,
+        HAS_T: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, FULL: tl.constexpr,
+    ):  # fmt: skip
+        """The online softmax's running max, sum and output after one chunk."""
+        j, rows, k, s, in_list = _chunk(
+            q, K, T, E, LIST, list_base, n_full, count, start, row, t_row, kv_base, i, N, CAP, qk_scale, HAS_T, D, BN, FULL
+        )  # fmt: skip
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        v = tl.load(V + rows, mask=in_list[:, None], other=0.0)
+        return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
     @triton.jit
     def _fwd(
@@ -125,7 +165,7 @@ if triton is not None:
         HQ: tl.constexpr, G: tl.constexpr, HS_DIV: tl.constexpr, T_HEADS_DIV: tl.constexpr, T_BATCH: tl.constexpr,
         HAS_T: tl.constexpr, STACK: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     ):  # fmt: skip
-        row, t_row, i, q_rows, kv_base, stats, count, list_base = _rows(
+        row, t_row, i, q_rows, kv_base, stats, n_full, count, list_base = _rows(
             CNT, tl.program_id(0), tl.program_id(1), N, CAP, NQB, HQ, G, HS_DIV, T_HEADS_DIV, T_BATCH, STACK, D, BM
         )  # fmt: skip
         d = tl.arange(0, D)
@@ -135,23 +175,44 @@ if triton is not None:
         m_i = tl.full((STACK * BM,), float("-inf"), tl.float32)
         l_i = tl.zeros((STACK * BM,), tl.float32)
         acc = tl.zeros((STACK * BM, D), tl.float32)
-        for start in range(0, count, BN):
-            j, rows, k, s, in_list = _chunk(
-                q, K, T, E, LIST, list_base, count, start, row, t_row, kv_base, i, N, qk_scale, HAS_T, D, BN
+        whole = n_full - n_full % BN  # chunks of keys every query keeps: no mask
+        for start in range(0, whole, BN):
+            m_i, l_i, acc = _fwd_chunk(
+                q, K, V, T, E, LIST, list_base, n_full, count, start, row, t_row, kv_base, i, N, CAP, qk_scale,
+                m_i, l_i, acc, HAS_T, D, BN, True,
             )  # fmt: skip
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + rows, mask=in_list[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+        for start in range(whole, count, BN):
+            m_i, l_i, acc = _fwd_chunk(
+                q, K, V, T, E, LIST, list_base, n_full, count, start, row, t_row, kv_base, i, N, CAP, qk_scale,
+                m_i, l_i, acc, HAS_T, D, BN, False,
+            )  # fmt: skip
         alive = l_i > 0
         out = acc / tl.where(alive, l_i, 1.0)[:, None]
         tl.store(O + q_rows[:, None] + d[None, :], out.to(O.dtype.element_ty), mask=live[:, None])
         lse = tl.where(alive, (m_i + tl.log2(tl.where(alive, l_i, 1.0))) / _LOG2E, float("inf"))
         tl.store(LSE + stats, lse, mask=live)
+
+    @triton.jit
+    def _bwd_chunk(
+        q, K, V, T, E, LIST, DK, DV, DT, list_base, n_full, count, start, row, t_row, kv_base, i, N, CAP,
+        qk_scale, sm_scale, do, lse2, delta, dq,
+        HAS_T: tl.constexpr, T_GRAD: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, FULL: tl.constexpr,
+    ):  # fmt: skip
+        """``dQ`` after one chunk; the chunk's ``dK``, ``dV`` and bias gradient added atomically."""
+        j, rows, k, s, in_list = _chunk(
+            q, K, T, E, LIST, list_base, n_full, count, start, row, t_row, kv_base, i, N, CAP, qk_scale, HAS_T, D, BN, FULL
+        )  # fmt: skip
+        v = tl.load(V + rows, mask=in_list[:, None], other=0.0)
+        p = tl.exp2(s - lse2[:, None])  # 0 where masked (-inf)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q) * sm_scale  # the stacked heads summed: one atomic each
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do)
+        tl.atomic_add(DK + rows, dk, mask=in_list[:, None], sem="relaxed")
+        tl.atomic_add(DV + rows, dv, mask=in_list[:, None], sem="relaxed")
+        if T_GRAD:
+            tl.atomic_add(DT + t_row + j, tl.sum(ds, 0), mask=in_list, sem="relaxed")
+        return dq + tl.dot(ds.to(k.dtype), k)
 
     @triton.jit
     def _bwd(
@@ -161,7 +222,7 @@ if triton is not None:
         HAS_T: tl.constexpr, T_GRAD: tl.constexpr, STACK: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
         BN: tl.constexpr,
     ):  # fmt: skip
-        row, t_row, i, q_rows, kv_base, stats, count, list_base = _rows(
+        row, t_row, i, q_rows, kv_base, stats, n_full, count, list_base = _rows(
             CNT, tl.program_id(0), tl.program_id(1), N, CAP, NQB, HQ, G, HS_DIV, T_HEADS_DIV, T_BATCH, STACK, D, BM
         )  # fmt: skip
         d = tl.arange(0, D)
@@ -173,21 +234,17 @@ if triton is not None:
         lse2 = lse * _LOG2E
         qk_scale = sm_scale * _LOG2E
         dq = tl.zeros((STACK * BM, D), tl.float32)
-        for start in range(0, count, BN):
-            j, rows, k, s, in_list = _chunk(
-                q, K, T, E, LIST, list_base, count, start, row, t_row, kv_base, i, N, qk_scale, HAS_T, D, BN
+        whole = n_full - n_full % BN  # chunks of keys every query keeps: no mask
+        for start in range(0, whole, BN):
+            dq = _bwd_chunk(
+                q, K, V, T, E, LIST, DK, DV, DT, list_base, n_full, count, start, row, t_row, kv_base, i, N, CAP,
+                qk_scale, sm_scale, do, lse2, delta, dq, HAS_T, T_GRAD, D, BN, True,
             )  # fmt: skip
-            v = tl.load(V + rows, mask=in_list[:, None], other=0.0)
-            p = tl.exp2(s - lse2[:, None])  # 0 where masked (-inf)
-            dp = tl.dot(do, tl.trans(v))
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k)
-            dk = tl.dot(tl.trans(ds.to(q.dtype)), q) * sm_scale  # the stacked heads summed: one atomic each
-            dv = tl.dot(tl.trans(p.to(do.dtype)), do)
-            tl.atomic_add(DK + rows, dk, mask=in_list[:, None], sem="relaxed")
-            tl.atomic_add(DV + rows, dv, mask=in_list[:, None], sem="relaxed")
-            if T_GRAD:
-                tl.atomic_add(DT + t_row + j, tl.sum(ds, 0), mask=in_list, sem="relaxed")
+        for start in range(whole, count, BN):
+            dq = _bwd_chunk(
+                q, K, V, T, E, LIST, DK, DV, DT, list_base, n_full, count, start, row, t_row, kv_base, i, N, CAP,
+                qk_scale, sm_scale, do, lse2, delta, dq, HAS_T, T_GRAD, D, BN, False,
+            )  # fmt: skip
         dq = (dq * sm_scale).to(DQ.dtype.element_ty)
         tl.store(DQ + q_rows[:, None] + d[None, :], dq, mask=live[:, None])
 
@@ -242,7 +299,7 @@ def _forward(
     B, Hq, N, D = q.shape
     rows, nqb, cap = _lists_shape(ends, keep, block_m)
     lists = torch.zeros(rows, nqb, cap, device=ends.device, dtype=torch.int32)  # deterministic padding
-    counts = torch.empty(rows, nqb, device=ends.device, dtype=torch.int32)
+    counts = torch.empty(rows, nqb, 2, device=ends.device, dtype=torch.int32)
     _lists[(nqb, rows)](ends, lists, counts, N, cap, nqb, BM=block_m, CHUNK=1024)
     o = torch.empty_like(q)
     lse = torch.empty(B, Hq, N, device=q.device, dtype=torch.float32)
@@ -258,7 +315,7 @@ def _forward(
 def _(q, k, v, t, ends, keep, scale, block_m, block_n):
     rows, nqb, cap = _lists_shape(ends, keep, block_m)
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
-    return torch.empty_like(q), lse, ends.new_empty(rows, nqb, cap), ends.new_empty(rows, nqb)
+    return torch.empty_like(q), lse, ends.new_empty(rows, nqb, cap), ends.new_empty(rows, nqb, 2)
 
 
 @torch.library.custom_op("flexmask::token_gather_bwd", mutates_args=())
@@ -287,7 +344,7 @@ def _backward(
     dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
     dt = torch.zeros(t.shape if t_grad else (0,), device=q.device, dtype=torch.float32)
     heads = _launch_args(q, k, ends, t)
-    nqb, cap = counts.shape[-1], lists.shape[-1]
+    nqb, cap = lists.shape[-2:]
     _bwd[(nqb, B * Hq // heads["STACK"])](
         q, k, v, lse if t is None else t, ends, lists, counts, do, lse, delta, dq, dk, dv, dt if t_grad else lse,
         scale, N, cap, nqb,
