@@ -7,6 +7,7 @@ speed: CPU numbers mean nothing.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 
@@ -98,6 +99,10 @@ def test_registry():
 
 def test_parse_lengths_and_priority():
     assert options.parse_lengths("4k,16384, 64K") == [4096, 16384, 65536]
+    assert [options.parse_length_or_off(t) for t in ("32k", "300", "0")] == [32768, 300, 0]
+    for bad in ("4k,8k", "-1", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            options.parse_length_or_off(bad)
     assert options.priority_order([4096, 65536, 16384, 131072], (65536,)) == [65536, 4096, 16384, 131072]
     assert options.priority_order([4096, 8192], (32768, 65536)) == [4096, 8192]
 

@@ -59,7 +59,7 @@ if triton is not None:
     from .key_mass import _LOG2E  # the kernels work in base 2
 
     @triton.jit
-    def _lists(E, LIST, CNT, N, CAP, NQB, BM: tl.constexpr, CHUNK: tl.constexpr):
+    def _lists(E, LIST, CNT, N, CAP, NQB, BM: tl.constexpr, CHUNK: tl.constexpr):  # CHUNK < 2**16
         """One program per (query block, row): the keys ``j < hi`` with ``e_j > max(j, lo)``; those
         kept by every query of the block (``j <= lo``, ``e_j >= hi``) from the front, the others
         from the end (layout of :func:`kept_lists`)."""
@@ -76,12 +76,15 @@ if triton is not None:
             keep = (j < hi) & (e > lo) & (e > j)
             full = (keep & (j <= lo) & (e >= hi)).to(tl.int32)
             part = keep.to(tl.int32) - full
-            slot = n_full + tl.cumsum(full, 0) - full
+            both = full + (part << 16)  # one scan for both kinds (a chunk counts at most CHUNK < 2**16)
+            before = tl.cumsum(both, 0) - both
+            slot = n_full + (before & 0xFFFF)
             tl.store(out + slot, j, mask=(full == 1) & (slot < CAP))
-            slot = CAP - 1 - (n_part + tl.cumsum(part, 0) - part)
+            slot = CAP - 1 - (n_part + (before >> 16))
             tl.store(out + slot, j, mask=(part == 1) & (slot >= 0))
-            n_full += tl.sum(full, 0)
-            n_part += tl.sum(part, 0)
+            total = tl.sum(both, 0)
+            n_full += total & 0xFFFF
+            n_part += total >> 16
         tl.store(CNT + (row * NQB + m) * 2, tl.minimum(n_full, CAP))
         tl.store(CNT + (row * NQB + m) * 2 + 1, tl.minimum(n_full + n_part, CAP))
 
@@ -149,7 +152,8 @@ if triton is not None:
     ):  # fmt: skip
         """The online softmax's running max, sum and output after one chunk."""
         j, rows, k, s, in_list = _chunk(
-            q, K, T, E, LIST, list_base, n_full, count, start, row, t_row, kv_base, i, N, CAP, qk_scale, HAS_T, D, BN, FULL
+            q, K, T, E, LIST, list_base, n_full, count, start, row, t_row, kv_base, i, N, CAP, qk_scale,
+            HAS_T, D, BN, FULL,
         )  # fmt: skip
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -200,7 +204,8 @@ if triton is not None:
     ):  # fmt: skip
         """``dQ`` after one chunk; the chunk's ``dK``, ``dV`` and bias gradient added atomically."""
         j, rows, k, s, in_list = _chunk(
-            q, K, T, E, LIST, list_base, n_full, count, start, row, t_row, kv_base, i, N, CAP, qk_scale, HAS_T, D, BN, FULL
+            q, K, T, E, LIST, list_base, n_full, count, start, row, t_row, kv_base, i, N, CAP, qk_scale,
+            HAS_T, D, BN, FULL,
         )  # fmt: skip
         v = tl.load(V + rows, mask=in_list[:, None], other=0.0)
         p = tl.exp2(s - lse2[:, None])  # 0 where masked (-inf)

@@ -51,6 +51,7 @@ from .options import (
     apply_presets,
     check_heads,
     csv_choices,
+    parse_length_or_off,
     parse_lengths,
     priority_order,
 )
@@ -122,7 +123,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--scores", type=csv_choices(SCORES), default=list(SCORES), help="random,clustered (default both)")
     p.add_argument(
-        "--paper-length", type=int, default=32768, help="N of the paper configuration (default 32768; 0 skips it)"
+        "--paper-length",
+        type=parse_length_or_off,
+        default=32768,
+        help="N of the paper configuration, 'k' = 1024 (default 32k; 0 skips it)",
     )
     p.add_argument(
         "--decode-lengths",

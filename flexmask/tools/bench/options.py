@@ -39,6 +39,21 @@ def parse_lengths(text: str) -> list[int]:
     return out
 
 
+def parse_length_or_off(text: str) -> int:
+    """One length as :func:`parse_lengths` reads it, or ``0`` (off).
+
+    Examples:
+        >>> parse_length_or_off("32k"), parse_length_or_off("0")
+        (32768, 0)
+    """
+    if text.strip() == "0":
+        return 0
+    values = parse_lengths(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"one length like 32768 or 32k (0: off), got {text!r}")
+    return values[0]
+
+
 def priority_order(lengths: list[int], first: tuple[int, ...]) -> list[int]:
     """The lengths to run, target sizes first (then ascending): a budget cut keeps what matters.
 
