@@ -269,11 +269,12 @@ def _launch(heads: dict, block_m: int, block_n: int, backward: bool) -> dict:
     """A kernel's key chunk ``BN`` (``block_n``, or the tuned one for 0), warps and stages.
 
     Tuned on an H200 (N 32k, Hq 16 / Hkv 8, D 128, w 2048, ``block_m`` 64 with the GQA pair
-    stacked: 128 query rows a program): forward 2.30 ms with chunks of 32 keys and 4 warps
-    (2.95 ms with the backward's settings); backward 6.2 ms with chunks of 64 and 8 warps
-    (``block_m`` 128: 7.9 ms). Both with 3 stages."""
+    stacked: 128 query rows a program): forward 1.89 ms with chunks of 32 keys, 4 warps and 2
+    stages (3 stages: 2.02 ms; the backward's settings: 1.98 ms); backward 6.34 ms with chunks of
+    64, 8 warps and 3 stages (2 stages: 7.0 ms; ``block_m`` 128: 8.6 ms). The same order at
+    Hq 2 / Hkv 1."""
     if not backward:
-        return dict(BN=block_n or 32, num_warps=4, num_stages=3)
+        return dict(BN=block_n or 32, num_warps=4, num_stages=2)
     wide = heads["STACK"] * block_m * heads["D"] >= 128 * 128  # registers: 8 warps from 128 × 128
     return dict(BN=block_n or 64, num_warps=8 if wide else 4, num_stages=3)
 
