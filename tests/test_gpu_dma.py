@@ -265,16 +265,27 @@ def test_fused_backward_matches_float64(monkeypatch, split):
 def test_causal_key_bias_every_gradient_path_matches_float64(monkeypatch, choice):
     """A causal mask's partial blocks are causal too: the planner offers the Triton paths for
     `causal() + key_bias` (DMA with a window larger than the sequence); every choice of
-    `key_bias_grad` gives float64's gradients, and "auto" takes the fused backward."""
+    `key_bias_grad` gives float64's gradients, and "auto" takes the fused backward (whose forward
+    runs flex without autograd)."""
+    from flexmask.backends import key_bias
+
     B, Hq, Hkv, n, D = 1, 4, 2, 777, 64
     q, k, v, s = bf16_inputs(10, B, Hq, Hkv, n, n, D)
     calls = spy_on_fused_backward(monkeypatch)
+    grad_modes, real_run = [], key_bias.with_lse
+
+    def run(*args, **kwargs):
+        grad_modes.append(torch.is_grad_enabled())
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(key_bias, "with_lse", run)
     out = fm.attention(q, k, v, mask=fm.causal(), bias=fm.key_bias(s), options={"key_bias_grad": choice})
     keep = torch.ones(n, n, dtype=torch.bool, device="cuda").tril()[None, None]
     ref = dense_attention(q, k, v, keep, heads_to(s, Hq))
     assert rel_err(out, ref) < 1e-2
     assert_gradients_match(out, ref, (q, k, v, s))
     assert bool(calls) == (choice == "auto")
+    assert grad_modes == ([] if choice == "flex" else [choice != "auto"])
 
 
 @pytest.mark.parametrize("offset, rows", [(128, 256), (256, 744)], ids=["whole-blocks", "to-the-end"])

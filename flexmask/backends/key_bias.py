@@ -86,11 +86,18 @@ def attention(
 class _KeyBiasAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, t, block_mask, scale, run, options, causal_partial, q_offset):
-        inner = [x.detach().requires_grad_(True) for x in (q, k, v)]
+        # The fused backward needs only the forward's output and lse: then flex runs without
+        # autograd (no backward graph, and no flex backward kernel compiled that would never run).
+        fused = (
+            causal_partial
+            and options.key_bias_grad in ("auto", "fused")
+            and fused_bwd.supported(q, k, block_mask, q_offset)
+        )
+        inner = [x.detach().requires_grad_(not fused) for x in (q, k, v)]
         t_ = t.detach()
-        with torch.enable_grad():
+        with torch.set_grad_enabled(not fused):
             out, lse = run(*inner, _key_bias_mod(t_, q.shape[1]), block_mask, scale)
-        ctx.graph = (out, inner)
+        ctx.graph, ctx.fused = (out, inner), fused
         ctx.lse, ctx.t, ctx.block_mask, ctx.scale, ctx.run = lse.detach(), t_, block_mask, scale, run
         ctx.options, ctx.causal_partial, ctx.q_offset = options, causal_partial, q_offset
         ctx.t_shape, ctx.t_dtype = t.shape, t.dtype
@@ -103,7 +110,7 @@ class _KeyBiasAttention(torch.autograd.Function):
         q, k, v = inner
         choice = ctx.options.key_bias_grad
         causal = ctx.causal_partial
-        if causal and choice in ("auto", "fused") and fused_bwd.supported(q, k, ctx.block_mask, ctx.q_offset):
+        if ctx.fused:
             opts = ctx.options  # all four gradients in one kernel
             dq, dk, dv, dt = fused_bwd.backward(
                 q.detach(),
