@@ -461,7 +461,9 @@ def test_generate_benchmark_runs_tiny_on_cpu(capsys):
     rows = section(parse_tables(out), "generate()")
     assert [r["variant"] for r in rows] == ["SDPA", "flexmask causal", "DMA token"]
     assert rows[1]["tokens = SDPA's"] == "yes"  # flexmask causal decodes SDPA's tokens
-    assert all(number(r["decode tokens/s"]) > 0 for r in rows)
+    for r in rows:  # a rate, or the bench's note where timing noise outweighs 5 tiny decoding steps (a busy CPU)
+        cell = r["decode tokens/s"]
+        assert cell == "n/a (generate(6) took no longer than the prefill)" or number(cell) > 0
 
 
 def test_context_parallel_benchmark_runs_tiny_on_cpu(capsys):
