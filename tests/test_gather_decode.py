@@ -4,8 +4,6 @@ interpreter (``TRITON_INTERPRET=1``) against float64, and their compilation for 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -15,10 +13,7 @@ from flexmask.backends.triton import gather_decode as kernel
 from flexmask.lowering.planner import lower
 
 from ._lowering import Layout, lowering
-
-interpreted = pytest.mark.skipif(
-    kernel.triton is None or os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton and TRITON_INTERPRET=1"
-)
+from ._triton import compile_for_sm90, compiled, interpreted
 
 
 def gathered_attention(q, k, v, positions, keep, add, scale):
@@ -82,23 +77,15 @@ def test_kernels_match_float64(G, with_add, gen):
     torch.library.opcheck(kernel._gathered_decode_op, (q, k, v, positions, keep, add, 0.25))  # what compile sees
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="interpreted kernels are not compiled")
+@compiled
 def test_kernels_compile_for_a_gpu():
-    """The interpreter accepts programs the compiler refuses: compile both kernels for sm_90."""
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     partial = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "POS": "*i64", "KEEP": "*u8", "ADD": "*fp32"}
     partial |= {"M": "*fp32", "L": "*fp32", "ACC": "*fp32", "sm_scale": "fp32", "S": "i32", "LEN": "i32"}
     partial |= {"CHUNK": "i32", "SPLITS": "i32"}
     merge = {"M": "*fp32", "L": "*fp32", "ACC": "*fp32", "O": "*bf16", "SPLITS": "i32"}
-    kernels = [
-        (kernel._partial, partial, dict(HKV=8, G=2, GP=16, D=128, DV=128, HAS_ADD=True, BS=64)),
-        (kernel._merge, merge, dict(G=2, DV=128, SP=16)),
-    ]
-    for jit, signature, constexprs in kernels:
-        signature = {**signature, **dict.fromkeys(constexprs, "constexpr")}
-        signature = {name: signature[name] for name in jit.arg_names}  # in the kernel's order
-        compiled = triton.compile(ASTSource(jit, signature, constexprs), target=GPUTarget("cuda", 90, 32))
-        assert compiled.asm["cubin"]
+    compile_for_sm90(
+        [
+            (kernel._partial, partial, dict(HKV=8, G=2, GP=16, D=128, DV=128, HAS_ADD=True, BS=64)),
+            (kernel._merge, merge, dict(G=2, DV=128, SP=16)),
+        ]
+    )

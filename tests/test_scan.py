@@ -3,16 +3,12 @@ Triton's interpreter (run with ``TRITON_INTERPRET=1``) against ``torch.cumsum``;
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from flexmask.backends.triton import scan
 
-interpreted = pytest.mark.skipif(
-    scan.triton is None or os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton and TRITON_INTERPRET=1"
-)
+from ._triton import compile_for_sm90, compiled, interpreted
 
 
 @interpreted
@@ -28,23 +24,15 @@ def test_row_cumsum_matches_torch(shape, dtype):
     assert torch.equal(scan.row_cumsum(strided, dtype), torch.cumsum(strided, -1, dtype=dtype))
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="interpreted kernels are not compiled")
+@compiled
 def test_scan_kernels_compile_for_a_gpu():
-    """The interpreter accepts programs the compiler refuses: compile both kernels for sm_90."""
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     sizes = {"N": "i32", "M": "i32"}
-    kernels = [
-        (scan._totals, {"X": "*i64", "TOT": "*i64", **sizes}, {"CHUNK": scan.CHUNK}),
-        (scan._scan, {"X": "*i8", "TOT": "*i64", "Y": "*i32", **sizes}, {"CHUNK": scan.CHUNK, "MP": 32}),
-    ]
-    for kernel, signature, constexprs in kernels:
-        signature = {**signature, **dict.fromkeys(constexprs, "constexpr")}
-        signature = {name: signature[name] for name in kernel.arg_names}
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32))
-        assert compiled.asm["cubin"]
+    compile_for_sm90(
+        [
+            (scan._totals, {"X": "*i64", "TOT": "*i64", **sizes}, {"CHUNK": scan.CHUNK}),
+            (scan._scan, {"X": "*i8", "TOT": "*i64", "Y": "*i32", **sizes}, {"CHUNK": scan.CHUNK, "MP": 32}),
+        ]
+    )
 
 
 @pytest.mark.gpu

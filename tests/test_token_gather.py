@@ -4,7 +4,6 @@ GPU: exactness in Triton's interpreter (run with ``TRITON_INTERPRET=1``), compil
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -12,9 +11,8 @@ import torch
 from flexmask.backends.triton import token_gather as tg
 from flexmask.lowering.selection import topk_ends
 
-interpreted = pytest.mark.skipif(
-    tg.triton is None or os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton and TRITON_INTERPRET=1"
-)
+from ._triton import compile_for_sm90, compiled, interpreted
+
 CASES = [(1, 2, 1, 1, 70, 16), (2, 4, 2, 2, 131, 40), (1, 4, 2, 4, 97, 100), (2, 2, 2, 1, 150, 7)]
 
 
@@ -87,14 +85,9 @@ def test_lists_kernel_equals_reference():
     assert torch.equal(got_lists, lists)
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="interpreted kernels are not compiled")
+@compiled
 @pytest.mark.parametrize("bias", [True, False])
 def test_kernels_compile_for_a_gpu(bias):
-    """The interpreter accepts programs the compiler refuses: compile each kernel for sm_90."""
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     ints = dict.fromkeys(("E", "LIST", "CNT"), "*i32")
     halves = dict.fromkeys(("Q", "K", "V"), "*bf16")
     floats = dict.fromkeys(("LSE", "DELTA", "DK", "DV", "DT"), "*fp32")
@@ -104,12 +97,9 @@ def test_kernels_compile_for_a_gpu(bias):
     bwd = {**halves, "T": "*fp32", **ints, "DO": "*bf16", "LSE": "*fp32", "DELTA": "*fp32", "DQ": "*bf16"}
     bwd = {**bwd, **{name: floats[name] for name in ("DK", "DV", "DT")}, **sizes}
     lists = {**ints, "N": "i32", "CAP": "i32", "NQB": "i32"}
-    kernels = [(tg._lists, lists, {"BM": 64, "CHUNK": 1024}), (tg._fwd, fwd, c), (tg._bwd, bwd, {**c, "T_GRAD": bias})]
-    for kernel, signature, constexprs in kernels:
-        signature = {**signature, **dict.fromkeys(constexprs, "constexpr")}
-        signature = {name: signature[name] for name in kernel.arg_names}  # in the kernel's order
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32))
-        assert compiled.asm["cubin"]
+    compile_for_sm90(
+        [(tg._lists, lists, {"BM": 64, "CHUNK": 1024}), (tg._fwd, fwd, c), (tg._bwd, bwd, {**c, "T_GRAD": bias})]
+    )
 
 
 def test_a_gqa_group_is_stacked_when_it_shares_selection_and_bias():
