@@ -100,6 +100,11 @@ class _ContentMask(Mask):
             valid = in_length if valid is None else valid & in_length
         return valid
 
+    def _competing_in(self, low: Lowering) -> torch.Tensor | None:
+        """:meth:`_competing` over the call's keys, once per lowering."""
+        layout = low.layout
+        return low.derive(self, "competing", lambda: self._competing(layout.kv_len, layout.device))
+
     def _cache_fields(self):
         return (self.scores, self.k, self.among, getattr(self, "block_size", None))
 
@@ -252,8 +257,7 @@ class TopK(_ContentMask):
 
         def compute():
             layout = low.layout
-            valid = self._competing(layout.kv_len, layout.device)
-            s, segments = selection.key_candidates(self.scores, layout, self._ids, valid)
+            s, segments = selection.key_candidates(self.scores, layout, self._ids, self._competing_in(low))
             last_only = layout.q_len == 1 and layout.last_query_is_last_key
             return selection.topk_ends(s, segments, self.k, last_only)
 
@@ -279,8 +283,7 @@ class TopK(_ContentMask):
         stops at its document's end; a padded key keeps none). Without ``among``, on CUDA with
         option ``graphed_build``, built by a CUDA-graph replay."""
         if self.among is not None:
-            valid = self._competing(low.layout.kv_len, low.layout.device)
-            return selection.fold_among(self.interval_ends(low), self._ids, valid)
+            return selection.fold_among(self.interval_ends(low), self._ids, self._competing_in(low))
         if low.options.graphed_build and low.layout.device.type == "cuda":
             scores = self.scores.detach().to(low.layout.device)
             return selection.graphed_ends(scores, self.k, low.layout.batch)
@@ -291,8 +294,7 @@ class TopK(_ContentMask):
         or the ``kept`` ones given."""
         if self.kept is not None:
             return decode.given_candidates(self.kept, low.layout)
-        valid = self._competing(low.layout.kv_len, low.layout.device)
-        return decode.topk_candidates(self.scores, self.k, low.layout, self._ids, valid)
+        return decode.topk_candidates(self.scores, self.k, low.layout, self._ids, self._competing_in(low))
 
     def _mask_mod(self, low):
         if low.gathered_by is self:
@@ -366,7 +368,7 @@ class TopKBlocks(_ContentMask):
             self,
             "blocks",
             lambda: selection.block_selection(
-                self.scores, self.k, self.block_size, low.layout, self._competing(low.layout.kv_len, low.layout.device)
+                self.scores, self.k, self.block_size, low.layout, self._competing_in(low)
             ),
         )
 
@@ -375,8 +377,7 @@ class TopKBlocks(_ContentMask):
 
     def _decode_gather(self, low: Lowering) -> Gathered:
         """(Offers.GATHER_DECODE) the positions of the blocks the last query keeps, ``valid`` where kept."""
-        valid = self._competing(low.layout.kv_len, low.layout.device)
-        return decode.topk_blocks_candidates(self.scores, self.k, self.block_size, low.layout, valid)
+        return decode.topk_blocks_candidates(self.scores, self.k, self.block_size, low.layout, self._competing_in(low))
 
     def _mask_mod(self, low):
         if low.gathered_by is self:
