@@ -90,11 +90,11 @@ def test_lists_kernel_equals_reference():
 def test_kernels_compile_for_a_gpu(bias):
     ints = dict.fromkeys(("E", "LIST", "CNT"), "*i32")
     halves = dict.fromkeys(("Q", "K", "V"), "*bf16")
-    floats = dict.fromkeys(("LSE", "DELTA", "DK", "DV", "DT"), "*fp32")
+    floats = dict.fromkeys(("LSE", "DK", "DV", "DT"), "*fp32")
     sizes = {"sm_scale": "fp32", "N": "i32", "CAP": "i32", "NQB": "i32"}
     c = dict(HQ=16, G=2, HS_DIV=2, T_HEADS_DIV=2, T_BATCH=1, HAS_T=bias, STACK=2, D=128, BM=64, BN=64)
     fwd = {**halves, "T": "*fp32", **ints, "O": "*bf16", "LSE": "*fp32", **sizes}
-    bwd = {**halves, "T": "*fp32", **ints, "DO": "*bf16", "LSE": "*fp32", "DELTA": "*fp32", "DQ": "*bf16"}
+    bwd = {**halves, "T": "*fp32", **ints, "O": "*bf16", "DO": "*bf16", "LSE": "*fp32", "DQ": "*bf16"}
     bwd = {**bwd, **{name: floats[name] for name in ("DK", "DV", "DT")}, **sizes}
     lists = {**ints, "N": "i32", "CAP": "i32", "NQB": "i32"}
     compile_for_sm90(

@@ -10,7 +10,8 @@ past the block): the list holds those first, and their chunks need no mask; the 
 own keys and those whose interval ends inside it) follow, masked by the rule ``j <= i < e_j``.
 Nothing is copied and no BlockMask is built.
 
-Backward, the same programs recompute the probabilities: ``dQ`` stays in registers, ``dK``/``dV``
+Backward, the same programs recompute the probabilities (and ``Δ_i = dO_i · O_i`` from their rows of
+``dO`` and ``O``, with no pass of its own): ``dQ`` stays in registers, ``dK``/``dV``
 and the bias gradient (``Σ_i dS_ij``, summed over the chunk's queries first: one atomic per key and
 chunk) are added atomically into float32 buffers.
 
@@ -113,7 +114,7 @@ if triton is not None:
         t_row = ((b % T_BATCH) * (HQ // T_HEADS_DIV) + first // T_HEADS_DIV).to(tl.int64) * N
         q_rows = ((b * HQ + heads).to(tl.int64) * N + i) * D  # offsets of the query rows in Q, O, dO, dQ
         kv_base = ((b * (HQ // G) + hkv).to(tl.int64) * N) * D
-        stats = (b * HQ + heads).to(tl.int64) * N + i  # offsets in LSE, DELTA
+        stats = (b * HQ + heads).to(tl.int64) * N + i  # offsets in LSE
         n_full = tl.load(CNT + (row * NQB + m) * 2)
         count = tl.load(CNT + (row * NQB + m) * 2 + 1)
         list_base = (row * NQB + m) * CAP
@@ -221,7 +222,7 @@ if triton is not None:
 
     @triton.jit
     def _bwd(
-        Q, K, V, T, E, LIST, CNT, DO, LSE, DELTA, DQ, DK, DV, DT,
+        Q, K, V, T, E, LIST, CNT, O, DO, LSE, DQ, DK, DV, DT,
         sm_scale, N, CAP, NQB,
         HQ: tl.constexpr, G: tl.constexpr, HS_DIV: tl.constexpr, T_HEADS_DIV: tl.constexpr, T_BATCH: tl.constexpr,
         HAS_T: tl.constexpr, T_GRAD: tl.constexpr, STACK: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
@@ -235,7 +236,8 @@ if triton is not None:
         q = tl.load(Q + q_rows[:, None] + d[None, :], mask=live[:, None], other=0.0)
         do = tl.load(DO + q_rows[:, None] + d[None, :], mask=live[:, None], other=0.0)
         lse = tl.load(LSE + stats, mask=live, other=float("inf"))
-        delta = tl.load(DELTA + stats, mask=live, other=0.0)
+        o = tl.load(O + q_rows[:, None] + d[None, :], mask=live[:, None], other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # Δ_i = dO_i · O_i, in float32
         lse2 = lse * _LOG2E
         qk_scale = sm_scale * _LOG2E
         dq = tl.zeros((STACK * BM, D), tl.float32)
@@ -343,8 +345,7 @@ def _backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv, dt)``; ``dt`` float32 like ``t`` (empty without ``t_grad``)."""
     B, Hq, N, D = q.shape
-    do = do.contiguous()
-    delta = (do.float() * o.float()).sum(-1)
+    do, o = do.contiguous(), o.contiguous()
     dq = torch.empty_like(q)
     dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
     dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
@@ -352,7 +353,7 @@ def _backward(
     heads = _launch_args(q, k, ends, t)
     nqb, cap = lists.shape[-2:]
     _bwd[(nqb, B * Hq // heads["STACK"])](
-        q, k, v, lse if t is None else t, ends, lists, counts, do, lse, delta, dq, dk, dv, dt if t_grad else lse,
+        q, k, v, lse if t is None else t, ends, lists, counts, o, do, lse, dq, dk, dv, dt if t_grad else lse,
         scale, N, cap, nqb,
         HAS_T=t is not None, T_GRAD=t_grad, BM=block_m, **_launch(heads, block_m, block_n, backward=True), **heads,
     )  # fmt: skip
