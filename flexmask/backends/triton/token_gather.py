@@ -274,7 +274,8 @@ def _launch(heads: dict, block_m: int, block_n: int, backward: bool) -> dict:
     stacked: 128 query rows a program): forward 1.89 ms with chunks of 32 keys, 4 warps and 2
     stages (3 stages: 2.02 ms; the backward's settings: 1.98 ms); backward 6.34 ms with chunks of
     64, 8 warps and 3 stages (2 stages: 7.0 ms; ``block_m`` 128: 8.6 ms). The same order at
-    Hq 2 / Hkv 1."""
+    Hq 2 / Hkv 1, and again after the backward took over ``Δ`` (backward 6.25 ms; chunks of 32
+    with 8 warps: 7.4 ms; ``block_m`` 128: 8.5 ms)."""
     if not backward:
         return dict(BN=block_n or 32, num_warps=4, num_stages=2)
     wide = heads["STACK"] * block_m * heads["D"] >= 128 * 128  # registers: 8 warps from 128 × 128
