@@ -33,6 +33,15 @@ if triton is not None:
 
     from .key_mass import _LOG2E, _bias_row, _probabilities, _row_terms
 
+# The kernel's tiles (query rows per step of a key-block program, keys per step of a query-block
+# program), warps and stages. An autotuner over 8 candidates (tiles of 32 or 64, 4 or 8 warps, 2 or
+# 3 stages) chose these on an H200 in all four shapes measured (2026-11-28: N 32k with Hq/Hkv 16/8
+# and 2/1, D 128; N 16k with 16/8, D 64 and 32/8, D 128; split lists or not), 2-7% ahead of the
+# next candidate; it cost 22-41 s on a process's first call and a Python pass over ~90 arguments on
+# every call (docs/benchmarks.md, "Block top-k's fused backward without an autotuner").
+_LAUNCH = dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
+
+
 def supported(q: torch.Tensor, k: torch.Tensor, block_mask: BlockMask | None, q_offset: int = 0) -> bool:
     """Whether :func:`backward` can run for this call: :func:`.key_mass.kernels_apply` with head dims
     up to 128, and queries that are self-attention's rows ``q_offset .. q_offset + Q - 1`` from a
@@ -105,6 +114,7 @@ def backward(
         scale * LOG2E, scale, n, nb, nq, nbq, q_offset, n_dkdv, hq, hkv, group, hkv // hs if hs > 1 else 1, hq // hs,
         T_BATCH=t.shape[0] > 1, T_HEADS=hs > 1, BM_BATCH=bm.kv_num_blocks.shape[0] > 1,
         BM_HEADS=bm.kv_num_blocks.shape[1] > 1, D=d, BLOCK=BLOCK, EVEN=n % BLOCK == 0, SPLIT=split, CHUNK=chunk,
+        **_LAUNCH,
     )
     if split:
         dk, dv = dk.to(k.dtype), dv.to(v.dtype)
@@ -267,12 +277,6 @@ if triton is not None:
         tl.store(DQ + b * sdqb + h * sdqh + local[:, None] * sdqn + offs_d[None, :],
                  (dq * scale).to(DQ.dtype.element_ty), mask=rows[:, None])
 
-    @triton.autotune(
-        configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": m}, num_warps=w, num_stages=st)
-                 for m in (32, 64) for w in (4, 8) for st in (2, 3)],
-        key=["D", "GROUP", "SPLIT"],
-        reset_to_zero=["DT", "DK", "DV"],
-    )
     @triton.jit
     def _backward_kernel(
         Q, K, V, DO, LSE, DELTA, T, DQ, DK, DV, DT,
