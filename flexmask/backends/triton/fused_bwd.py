@@ -15,8 +15,9 @@ and ``split_chunk``).
 Scope (what :func:`supported` checks): a ``BlockMask`` over blocks of 128 whose partial blocks are
 causal (``j <= i``: :func:`flexmask.topk_blocks`), self-attention or a run of its rows from a block
 boundary (context parallelism's shards), head dim a power of two in
-[16, 128], fp16/bf16. The reference for its numbers is the float64 test in
-``tests/test_gpu_dma.py``.
+[16, 128], fp16/bf16. The references for its numbers are the float64 tests in
+``tests/test_gpu_dma.py`` (bf16, on a GPU) and ``tests/test_fused_bwd.py`` (float32, in Triton's
+interpreter).
 
 Its speed against flex's backward is measured in ``docs/benchmarks.md``.
 """
