@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 
 from .cache import compiled_on_cuda
-from .layout import Layout
+from .layout import Layout, cdiv
 from .prefix_topk import rank_keys
 from .selection import block_scores, key_candidates
 
@@ -194,7 +194,7 @@ def topk_blocks_candidates(
 
 
 def _block_positions_eager(scores, k: int, block_size: int, n: int, batch: int, valid, query):
-    nb = -(-n // block_size)
+    nb = cdiv(n, block_size)
     per_key = scores.shape[-1] != nb
     s, _ = key_candidates(scores, (batch, scores.device), valid=valid, per_key=per_key)
     s = block_scores(s, block_size, n, per_key, valid)

@@ -28,7 +28,7 @@ from .._compat import cumsum
 from .blocks import block_mask_from_tensors, block_tensors
 from .cache import compiled_on_cuda
 from .graphs import CudaGraphed
-from .layout import BLOCK, Layout
+from .layout import BLOCK, Layout, cdiv
 from .selection import key_candidates, topk_ends
 
 
@@ -43,7 +43,7 @@ def layout_plan(ends: torch.Tensor, block: int, keep: int) -> dict[str, torch.Te
     rows, n = ends.shape
     dev = ends.device
     shift = block.bit_length() - 1
-    nq = -(-n // block)
+    nq = cdiv(n, block)
     pos = torch.arange(n, device=dev)
     big = n * (n + 2)
 
@@ -74,7 +74,7 @@ def layout_plan(ends: torch.Tensor, block: int, keep: int) -> dict[str, torch.Te
         offset += width
         level += 1
     length = offset
-    nkb = -(-length // block)
+    nkb = cdiv(length, block)
 
     # block maps: difference arrays over layout blocks, one row per query block
     t = torch.arange(nq, device=dev)
@@ -91,9 +91,9 @@ def layout_plan(ends: torch.Tensor, block: int, keep: int) -> dict[str, torch.Te
         end = torch.searchsorted(comp, (base + n - t * block).expand(rows, nq).contiguous())
         full_end = torch.searchsorted(comp, (base + n - last).expand(rows, nq).contiguous())
         start, end, full_end = start + off, end + off, full_end + off
-        lo_blk, hi_blk = start // block, -(-end // block)
+        lo_blk, hi_blk = start // block, cdiv(end, block)
         _mark(any_d, torch.where(has & (end > start), lo_blk, 0), torch.where(has & (end > start), hi_blk, 0))
-        f_lo, f_hi = -(-start // block), full_end // block
+        f_lo, f_hi = cdiv(start, block), full_end // block
         ok = has & (f_hi > f_lo)
         _mark(all_d, torch.where(ok, f_lo, 0), torch.where(ok, f_hi, 0))
     any_ = cumsum(any_d, -1)[..., :nkb] > 0
@@ -114,10 +114,10 @@ _plan_fused = compiled_on_cuda(layout_plan)
 
 def _level_capacity(n: int, block: int, level: int, keep: int) -> int:
     """An upper bound of level ``level``'s width: per served segment, its length or ``keep``."""
-    nq = -(-n // block)
+    nq = cdiv(n, block)
     size = block << level
     total = 0
-    for m in range(0, -(-n // size), 2):
+    for m in range(0, cdiv(n, size), 2):
         if ((m + 1) << level) < nq:
             total += min(keep, min(n, (m + 1) * size) - m * size)
     return total

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..lowering.layout import cdiv
+
 ModFn = Callable[..., torch.Tensor]
 
 #: Most booleans evaluated at once (16 MiB; a few temporaries of this size live during a slab).
@@ -70,7 +72,7 @@ def pool(kept: torch.Tensor, cell: int) -> torch.Tensor:
         [[[3, 0], [2, 1]]]
     """
     h, r, kv = kept.shape
-    nr, nk = -(-r // cell), -(-kv // cell)
+    nr, nk = cdiv(r, cell), cdiv(kv, cell)
     u = kept.view(torch.uint8) if kept.is_contiguous() else kept.to(torch.uint8)
     if nr * cell != r or nk * cell != kv:
         u = F.pad(u, (0, nk * cell - kv, 0, nr * cell - r))
@@ -85,14 +87,14 @@ def pooled_counts(
     mod: ModFn, b: int, heads: Sequence[int], q_len: int, kv_len: int, cell: int, device: torch.device
 ) -> np.ndarray:
     """Kept pairs per ``cell × cell`` square of tokens: int64 ``[len(heads), ⌈q_len/cell⌉, ⌈kv_len/cell⌉]``."""
-    nq, nk = -(-q_len // cell), -(-kv_len // cell)
+    nq, nk = cdiv(q_len, cell), cdiv(kv_len, cell)
     out = np.empty((len(heads), nq, nk), dtype=np.int64)
     kv = torch.arange(kv_len, device=device)
     step = _rows_per_slab(len(heads), kv_len, cell)
     for first in range(0, q_len, step):
         last = min(q_len, first + step)
         kept = evaluate(mod, b, heads, torch.arange(first, last, device=device), kv)
-        out[:, first // cell : -(-last // cell)] = pool(kept, cell).cpu().numpy()  # broadcasts Hd = 1
+        out[:, first // cell : cdiv(last, cell)] = pool(kept, cell).cpu().numpy()  # broadcasts Hd = 1
     return out
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ..lowering.layout import cdiv
 from . import _core, _mpl
 from .levels import mask_picture
 from .pictures import MAX_CELLS, MAX_PAIRS, SPARSITY_CAPTION, Level, MaskPicture, format_sparsity, head_ids
@@ -111,7 +112,7 @@ def draw_picture(pic: MaskPicture, *, ax: Axes | None = None, title: str | None 
         _draw_panel(ax, pic, 0, f"{title}\n{_panel_title(pic, 0)}")
         return ax.figure
     ncols = _mpl.columns(n)
-    nrows = -(-n // ncols)
+    nrows = cdiv(n, ncols)
     panel_w = min(3.2, 14.0 / ncols)
     panel_h = panel_w * _mpl.aspect_ratio(pic.q_len, pic.kv_len)
     fig = _mpl.figure((panel_w * ncols + 0.6 + (0.9 if pic.level == "pooled" else 0), panel_h * nrows + 1.5))

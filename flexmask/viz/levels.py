@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ..lowering.layout import cdiv
 from . import _core, counting
 from .pictures import (
     MAX_CELLS,
@@ -207,8 +208,8 @@ def _exact(kept: np.ndarray) -> np.ndarray:
 
 def _areas(c: int, q_len: int, kv_len: int) -> np.ndarray:
     """Pairs in each ``c × c`` cell: ``[rows, cols]`` (edge cells cut short)."""
-    rows = np.minimum(c, q_len - c * np.arange(-(-q_len // c)))
-    cols = np.minimum(c, kv_len - c * np.arange(-(-kv_len // c)))
+    rows = np.minimum(c, q_len - c * np.arange(cdiv(q_len, c)))
+    cols = np.minimum(c, kv_len - c * np.arange(cdiv(kv_len, c)))
     return rows[:, None].astype(np.int64) * cols[None, :]
 
 
@@ -232,7 +233,7 @@ def _level(level: str, pairs: int, max_cells: int, max_pairs: int, unstructured:
 
 def _cell_size(given: int | None, q_len: int, kv_len: int, planes: int, max_cells: int, start: int) -> int:
     def cells(c: int) -> int:
-        return planes * -(-q_len // c) * -(-kv_len // c)
+        return planes * cdiv(q_len, c) * cdiv(kv_len, c)
 
     if given is not None:
         if cells(given) > max_cells:
@@ -242,6 +243,6 @@ def _cell_size(given: int | None, q_len: int, kv_len: int, planes: int, max_cell
             )
         return given
     c = start  # block maps start at FlexAttention's block, 128, when the map is small enough to show it
-    while cells(c) > max_cells or max(-(-q_len // c), -(-kv_len // c)) > MAX_CELLS_PER_SIDE:
+    while cells(c) > max_cells or max(cdiv(q_len, c), cdiv(kv_len, c)) > MAX_CELLS_PER_SIDE:
         c *= 2
     return c

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from einops import rearrange
 
+from ..lowering.layout import cdiv
 from . import _core, _mpl
 from .pictures import EMPTY, head_ids
 
@@ -159,8 +160,8 @@ def plot_attention(
     else:
         ncols = _mpl.columns(n)
         panel_w = min(3.2, 14.0 / ncols)
-        fig = _mpl.figure((panel_w * ncols + 1.2, panel_w * _mpl.aspect_ratio(q_len, kv_len) * -(-n // ncols) + 1.0))
-        axes = fig.subplots(-(-n // ncols), ncols, squeeze=False)
+        fig = _mpl.figure((panel_w * ncols + 1.2, panel_w * _mpl.aspect_ratio(q_len, kv_len) * cdiv(n, ncols) + 1.0))
+        axes = fig.subplots(cdiv(n, ncols), ncols, squeeze=False)
     image = None
     for i, a in enumerate(axes.flat):
         if i >= n:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
+from ...lowering.layout import cdiv
 from .key_mass import BLOCK, LOG2E, kernels_apply, triton
 
 if triton is not None:
@@ -92,7 +93,7 @@ def backward(
         kv_full = (torch.zeros_like(bm.kv_num_blocks), bm.kv_indices)
         q_full = (torch.zeros_like(bm.q_num_blocks), bm.q_indices)
     lists = (bm.q_num_blocks, bm.q_indices, *q_full, bm.kv_num_blocks, bm.kv_indices, *kv_full)
-    nb, nbq = -(-n // BLOCK), -(-nq // BLOCK)
+    nb, nbq = cdiv(n, BLOCK), cdiv(nq, BLOCK)
     group = hq // hkv
     # A key block is read by every query block that selected it: with few KV heads the most-read
     # blocks outlast the rest of the grid. Then (SPLIT) each program takes `chunk` entries of one
@@ -101,7 +102,7 @@ def backward(
     split = B * hkv * nb < split_below * sms
     if split:
         dk, dv = torch.zeros_like(k, dtype=torch.float32), torch.zeros_like(v, dtype=torch.float32)
-        n_dkdv = nb * group * -(-nb // chunk)
+        n_dkdv = nb * group * cdiv(nb, chunk)
     else:
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         n_dkdv = nb

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
+from ...lowering.layout import cdiv
+
 try:  # Triton ships with CUDA builds of torch; CPU-only installs have none
     import triton
     import triton.language as tl
@@ -69,7 +71,7 @@ def key_mass(
     lse, delta = (lse.float() * LOG2E).contiguous(), delta.float().contiguous()
 
     def grid(meta):
-        return (-(-n // meta["BLOCK_M"]), B * hq)
+        return (cdiv(n, meta["BLOCK_M"]), B * hq)
 
     _key_mass_kernel[grid](
         q, k, t, lse, delta, mass,

@@ -25,6 +25,8 @@ import math
 
 import torch
 
+from ...lowering.layout import cdiv
+
 try:  # Triton ships with CUDA builds of torch; CPU-only installs have none
     import triton
     import triton.language as tl
@@ -42,7 +44,7 @@ def kept_lists(ends: torch.Tensor, block: int, cap: int) -> tuple[torch.Tensor, 
     Pure PyTorch reference of the kernel :func:`_lists`, ``O(N² / block)`` per row."""
     b, hs, n = ends.shape
     e = ends.reshape(b * hs, 1, n).long()
-    nqb = -(-n // block)
+    nqb = cdiv(n, block)
     lo = torch.arange(nqb, device=ends.device).view(1, -1, 1) * block
     hi = (lo + block).clamp(max=n)
     j = torch.arange(n, device=ends.device).view(1, 1, -1)
@@ -286,7 +288,7 @@ def _lists_shape(ends: torch.Tensor, keep: int, block_m: int) -> tuple[int, int,
     """``(rows, query blocks, list capacity)`` of the kept-key lists: a block keeps at most
     ``keep + block_m - 1`` keys."""
     b, hs, n = ends.shape
-    return b * hs, -(-n // block_m), min(keep + block_m, n)
+    return b * hs, cdiv(n, block_m), min(keep + block_m, n)
 
 
 # Custom ops: opaque to torch.compile (dynamo does not trace into the launches, so it needs no
