@@ -31,8 +31,11 @@ def dense(q, k, v, ends, t, scale):
 
 
 @interpreted
+@pytest.mark.parametrize("bias", ["normal", "rising"])
 @pytest.mark.parametrize("B,Hq,Hkv,Hs,N,w", CASES)
-def test_matches_float64(B, Hq, Hkv, Hs, N, w):
+def test_matches_float64(B, Hq, Hkv, Hs, N, w, bias):
+    """Forward and every gradient against float64; a ``rising`` bias (to 90 along the keys) makes
+    each row's max grow by far more than its sum can absorb unless the softmax rescales."""
     g = torch.Generator().manual_seed(N + w)
     D = 16
     q = torch.randn(B, Hq, N, D, generator=g, requires_grad=True)
@@ -40,7 +43,10 @@ def test_matches_float64(B, Hq, Hkv, Hs, N, w):
     v = torch.randn(B, Hkv, N, D, generator=g, requires_grad=True)
     scores = torch.randint(0, 4, (B, Hs, N), generator=g).float()  # ties
     ends = topk_ends(scores, None, w)
-    t = torch.randn(B, Hs, N, generator=g, requires_grad=True)
+    t = torch.randn(B, Hs, N, generator=g)
+    if bias == "rising":
+        t += torch.linspace(0, 90, N)
+    t.requires_grad_()
     out = tg.token_gather_attention(q, k, v, ends, w, bias=t, block_m=16, block_n=16)
     ref = dense(q, k, v, ends, t, 1 / math.sqrt(D))
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
