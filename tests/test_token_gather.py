@@ -34,7 +34,7 @@ def dense(q, k, v, ends, t, scale):
 @pytest.mark.parametrize("bias", ["normal", "rising"])
 @pytest.mark.parametrize("B,Hq,Hkv,Hs,N,w", CASES)
 def test_matches_float64(B, Hq, Hkv, Hs, N, w, bias):
-    """Forward and every gradient against float64; a ``rising`` bias (to 90 along the keys) makes
+    """Forward and every gradient against float64; a ``rising`` bias (to 200 along the keys) makes
     each row's max grow by far more than its sum can absorb unless the softmax rescales."""
     g = torch.Generator().manual_seed(N + w)
     D = 16
@@ -45,17 +45,18 @@ def test_matches_float64(B, Hq, Hkv, Hs, N, w, bias):
     ends = topk_ends(scores, None, w)
     t = torch.randn(B, Hs, N, generator=g)
     if bias == "rising":
-        t += torch.linspace(0, 90, N)
+        t += torch.linspace(0, 200, N)
     t.requires_grad_()
     out = tg.token_gather_attention(q, k, v, ends, w, bias=t, block_m=16, block_n=16)
     ref = dense(q, k, v, ends, t, 1 / math.sqrt(D))
-    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    tol = 1e-5 if bias == "normal" else 1e-4  # float32 scores near 200 carry ~1e-5 of rounding
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
     go = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v, t), go)
     want = torch.autograd.grad(ref, (q, k, v, t), go.double())
     for a, b, name in zip(got, want, "qkvt", strict=True):
         err = (a.double() - b).abs().max().item()
-        assert err < 1e-4 * (1 + b.abs().max().item()), (name, err)
+        assert err < 10 * tol * (1 + b.abs().max().item()), (name, err)
 
 
 def test_kept_lists_hold_each_blocks_keys_those_kept_by_all_its_queries_first():
