@@ -13,8 +13,9 @@ import math
 import torch
 
 
-def ref_attention(q, k, v, *, keep=None, bias=None, scale=None, softcap=None):
-    """Dense float64 attention; ``keep`` bool and ``bias`` float broadcastable to ``[B, Hq, Q, KV]``."""
+def ref_attention(q, k, v, *, keep=None, bias=None, scale=None, softcap=None, with_lse=False):
+    """Dense float64 attention; ``keep`` bool and ``bias`` float broadcastable to ``[B, Hq, Q, KV]``.
+    With ``with_lse``, also the scores' natural-log logsumexp ``[B, Hq, Q]`` (``-inf`` where no key is kept)."""
     q, k, v = q.double(), k.double(), v.double()
     g = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
@@ -31,7 +32,7 @@ def ref_attention(q, k, v, *, keep=None, bias=None, scale=None, softcap=None):
     s = torch.where(keep, s, torch.full_like(s, float("-inf")))
     p = torch.softmax(torch.where(alive, s, torch.zeros_like(s)), dim=-1)
     p = torch.where(alive, p, torch.zeros_like(p))
-    return p @ v
+    return (p @ v, torch.logsumexp(s, -1)) if with_lse else p @ v
 
 
 def dense_attention(q, k, v, keep, bias_keys=None, scale=None):

@@ -11,17 +11,8 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import create_block_mask
 
-from ._reference import brute_topk_blocks, heads_to
+from ._reference import brute_topk_blocks, heads_to, ref_attention
 from ._triton import interpreted
-
-
-def reference(q, k, v, t, keep, scale):
-    """float64 ``(out, lse)`` of ``softmax(scale · q kᵀ + t_j)`` over ``keep`` ``[B, Hq, N, N]``."""
-    g = q.shape[1] // k.shape[1]
-    s = q.double() @ k.double().repeat_interleave(g, 1).transpose(-1, -2) * scale
-    s = (s + heads_to(t.double(), q.shape[1])[:, :, None, :]).masked_fill(~keep, float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    return torch.softmax(s, -1) @ v.double().repeat_interleave(g, 1), lse
 
 
 @interpreted
@@ -38,7 +29,8 @@ def test_fused_backward_matches_float64_in_the_interpreter(n, split):
     keep = heads_to(brute_topk_blocks(t.detach().expand(B, -1, -1), 1, 128), Hq)  # [B, Hq, N, N]
     block_mask = create_block_mask(lambda b, h, i, j: keep[b, h, i, j], B, Hq, n, n, device="cpu", _compile=False)
     scale = 1 / math.sqrt(D)
-    out, lse = reference(q, k, v, t, keep, scale)
+    bias = heads_to(t.expand(B, -1, -1), Hq)[:, :, None, :]
+    out, lse = ref_attention(q, k, v, keep=keep, bias=bias, scale=scale, with_lse=True)
     go = torch.randn(out.shape, generator=g, dtype=torch.float64)
     want = torch.autograd.grad(out, (q, k, v, t), go)
     f32 = [x.detach().float() for x in (q, k, v, out, go, lse, t)]
