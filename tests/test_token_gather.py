@@ -11,6 +11,7 @@ import torch
 from flexmask.backends.triton import token_gather as tg
 from flexmask.lowering.selection import topk_ends
 
+from ._reference import heads_to, ref_attention
 from ._triton import compile_for_sm90, compiled, interpreted
 
 CASES = [(1, 2, 1, 1, 70, 16), (2, 4, 2, 2, 131, 40), (1, 4, 2, 4, 97, 100), (2, 2, 2, 1, 150, 7)]
@@ -18,16 +19,11 @@ CASES = [(1, 2, 1, 1, 70, 16), (2, 4, 2, 2, 131, 40), (1, 4, 2, 4, 97, 100), (2,
 
 def dense(q, k, v, ends, t, scale):
     """float64 attention under ``j <= i < ends[j]`` with a per-key bias ``t``."""
-    B, Hq, N, D = q.shape
-    G, Hs = Hq // k.shape[1], ends.shape[1]
-    kk, vv = k.double().repeat_interleave(G, 1), v.double().repeat_interleave(G, 1)
-    s = q.double() @ kk.transpose(-1, -2) * scale
-    if t is not None:
-        s = s + t.double().expand(B, -1, -1).repeat_interleave(Hq // t.shape[1], 1)[:, :, None, :]
-    e = ends.long().repeat_interleave(Hq // Hs, 1)[:, :, None, :]
+    B, Hq, N, _ = q.shape
+    e = heads_to(ends.long(), Hq)[:, :, None, :]
     i, j = torch.arange(N).view(-1, 1), torch.arange(N).view(1, -1)
-    s = s.masked_fill(~((j <= i) & (i < e)), float("-inf"))
-    return torch.softmax(s, -1).nan_to_num(0.0) @ vv
+    bias = None if t is None else heads_to(t.expand(B, -1, -1), Hq)[:, :, None, :]
+    return ref_attention(q, k, v, keep=(j <= i) & (i < e), bias=bias, scale=scale)
 
 
 @interpreted
