@@ -75,15 +75,12 @@ def test_kept_lists_hold_each_blocks_keys_those_kept_by_all_its_queries_first():
 
 
 @interpreted
-def test_lists_kernel_equals_reference():
-    g = torch.Generator().manual_seed(1)
-    ends = topk_ends(torch.randn(2, 3, 300, generator=g), None, 37).contiguous()
-    b, hs, n = ends.shape
-    nqb, cap = -(-n // 32), 37 + 32
-    lists, counts = tg.kept_lists(ends, 32, cap)
-    got_lists = torch.zeros((b * hs, nqb, cap), dtype=torch.int32)
-    got_counts = torch.empty(b * hs, nqb, 2, dtype=torch.int32)
-    tg._lists[(nqb, b * hs)](ends, got_lists, got_counts, n, cap, nqb, BM=32, CHUNK=64)
+@pytest.mark.parametrize("n", [300, 256], ids=["partial-last-block", "whole-blocks"])
+def test_lists_kernels_equal_reference(n):
+    g = torch.Generator().manual_seed(n)
+    ends = topk_ends(torch.randn(2, 3, n, generator=g), None, 37).contiguous()
+    lists, counts = tg.kept_lists(ends, 32, 37 + 32)
+    got_lists, got_counts = tg._build_lists(ends, 37, 32, chunk=64)  # several chunks per scan
     assert torch.equal(got_counts, counts) and bool((counts[..., 0] > 0).any())
     assert torch.equal(got_lists, lists)
 
@@ -99,9 +96,12 @@ def test_kernels_compile_for_a_gpu(bias):
     fwd = {**halves, "T": "*fp32", **ints, "O": "*bf16", "LSE": "*fp32", **sizes}
     bwd = {**halves, "T": "*fp32", **ints, "O": "*bf16", "DO": "*bf16", "LSE": "*fp32", "DQ": "*bf16"}
     bwd = {**bwd, **{name: floats[name] for name in ("DK", "DV", "DT")}, **sizes}
-    lists = {**ints, "N": "i32", "CAP": "i32", "NQB": "i32"}
+    lists = {**ints, "KEPT": "*i32", "BELOW": "*i32", "N": "i32", "CAP": "i32", "NQB": "i32"}
+    scan = {"E": "*i32", "KEPT": "*i32", "BELOW": "*i32", "N": "i32", "NQB": "i32"}
+    launch = {"BM": 64, "CHUNK": 1024}
     compile_for_sm90(
-        [(tg._lists, lists, {"BM": 64, "CHUNK": 1024}), (tg._fwd, fwd, c), (tg._bwd, bwd, {**c, "T_GRAD": bias})]
+        [(tg._ever_kept, scan, launch), (tg._lists, lists, launch), (tg._fwd, fwd, c)]
+        + [(tg._bwd, bwd, {**c, "T_GRAD": bias})]
     )
 
 

@@ -3,7 +3,9 @@
 Under ``fm.topk(scores, w)`` query ``i`` keeps key ``j`` iff ``j <= i < e_j``, where ``e_j`` is the
 key's interval end (:func:`flexmask.lowering.selection.topk_ends`). A block of ``BM`` consecutive
 queries therefore keeps at most ``w + BM`` distinct keys: those with ``j < (m + 1)·BM`` and
-``e_j > m·BM``. Here each query block gets that list (built by one scan per block), and one program
+``e_j > m·BM``. Here each query block gets that list (one scan per row lists the keys some query
+keeps, ``e_j > j``, about ``w·(1 + ln(N/w))`` of them for random scores; then one scan per block over
+those before its end), and one program
 per (query block, query head) walks it in chunks of ``BN`` keys, loading the keys' rows, values and
 biases by index. Most of a block's keys are kept by all of its queries (``j <= m·BM`` and ``e_j``
 past the block): the list holds those first, and their chunks need no mask; the rest (the block's
@@ -41,7 +43,7 @@ def kept_lists(ends: torch.Tensor, block: int, cap: int) -> tuple[torch.Tensor, 
     the others (``counts[..., 1]`` in all) fill the list from its end, ascending towards the front;
     zeros between.
 
-    Pure PyTorch reference of the kernel :func:`_lists`, ``O(N² / block)`` per row."""
+    Pure PyTorch reference of the kernels (:func:`_build_lists`), ``O(N² / block)`` per row."""
     b, hs, n = ends.shape
     e = ends.reshape(b * hs, 1, n).long()
     nqb = cdiv(n, block)
@@ -62,10 +64,28 @@ if triton is not None:
     from .key_mass import _LOG2E  # the kernels work in base 2
 
     @triton.jit
-    def _lists(E, LIST, CNT, N, CAP, NQB, BM: tl.constexpr, CHUNK: tl.constexpr):  # CHUNK < 2**16
-        """One program per (query block, row): the keys ``j < hi`` with ``e_j > max(j, lo)``; those
-        kept by every query of the block (``j <= lo``, ``e_j >= hi``) from the front, the others
-        from the end (layout of :func:`kept_lists`)."""
+    def _ever_kept(E, KEPT, BELOW, N, NQB, BM: tl.constexpr, CHUNK: tl.constexpr):
+        """One program per row: the keys some query keeps (``e_j > j``), ascending, and for each query
+        block ``m`` how many of them lie before its end (``BELOW``)."""
+        row = tl.program_id(0).to(tl.int64)
+        total = tl.zeros((), tl.int32)
+        for start in range(0, N, CHUNK):
+            j = start + tl.arange(0, CHUNK)
+            inside = j < N
+            e = tl.load(E + row * N + j, mask=inside, other=0)
+            ever = (inside & (e > j)).to(tl.int32)
+            upto = total + tl.cumsum(ever, 0)  # kept keys at or before j
+            tl.store(KEPT + row * N + upto - 1, j, mask=ever == 1)
+            block_end = inside & (((j + 1) % BM == 0) | (j == N - 1))
+            tl.store(BELOW + row * NQB + j // BM, upto, mask=block_end)
+            total += tl.sum(ever, 0)
+
+    @triton.jit
+    def _lists(E, KEPT, BELOW, LIST, CNT, N, CAP, NQB, BM: tl.constexpr, CHUNK: tl.constexpr):  # CHUNK < 2**16
+        """One program per (query block, row): of the kept keys before the block's end (``j < hi``,
+        from :func:`_ever_kept`), those with ``e_j > lo``; the ones kept by every query of the block
+        (``j <= lo``, ``e_j >= hi``) from the front, the others from the end (layout of
+        :func:`kept_lists`)."""
         m = tl.program_id(0)
         row = tl.program_id(1).to(tl.int64)
         lo = m * BM
@@ -73,10 +93,13 @@ if triton is not None:
         n_full = tl.zeros((), tl.int32)
         n_part = tl.zeros((), tl.int32)
         out = LIST + (row * NQB + m) * CAP
-        for start in range(0, hi, CHUNK):
-            j = start + tl.arange(0, CHUNK)
-            e = tl.load(E + row * N + j, mask=j < hi, other=0)
-            keep = (j < hi) & (e > lo) & (e > j)
+        stop = tl.load(BELOW + row * NQB + m)
+        for start in range(0, stop, CHUNK):
+            c = start + tl.arange(0, CHUNK)
+            listed = c < stop
+            j = tl.load(KEPT + row * N + c, mask=listed, other=0)
+            e = tl.load(E + row * N + j, mask=listed, other=0)
+            keep = listed & (e > lo)  # j < hi and e_j > j hold for every listed key
             full = (keep & (j <= lo) & (e >= hi)).to(tl.int32)
             part = keep.to(tl.int32) - full
             both = full + (part << 16)  # one scan for both kinds (a chunk counts at most CHUNK < 2**16)
@@ -291,6 +314,21 @@ def _lists_shape(ends: torch.Tensor, keep: int, block_m: int) -> tuple[int, int,
     return b * hs, cdiv(n, block_m), min(keep + block_m, n)
 
 
+def _build_lists(ends: torch.Tensor, keep: int, block_m: int, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept-key lists of :func:`kept_lists` by the kernels: the keys some query keeps, then each
+    query block's list from those before its end (``O(N·w)`` per row rather than ``O(N²/block_m)``
+    for a scan of every key before each block)."""
+    rows, nqb, cap = _lists_shape(ends, keep, block_m)
+    n = ends.shape[-1]
+    kept = torch.empty(rows, n, device=ends.device, dtype=torch.int32)
+    below = torch.empty(rows, nqb, device=ends.device, dtype=torch.int32)
+    _ever_kept[(rows,)](ends, kept, below, n, nqb, BM=block_m, CHUNK=chunk)
+    lists = torch.zeros(rows, nqb, cap, device=ends.device, dtype=torch.int32)  # deterministic padding
+    counts = torch.empty(rows, nqb, 2, device=ends.device, dtype=torch.int32)
+    _lists[(nqb, rows)](ends, kept, below, lists, counts, n, cap, nqb, BM=block_m, CHUNK=chunk)
+    return lists, counts
+
+
 # Custom ops: opaque to torch.compile (dynamo does not trace into the launches, so it needs no
 # mutation analysis of the kernels' pointer arguments), with fake implementations for tracing.
 @torch.library.custom_op("flexmask::token_gather_fwd", mutates_args=())
@@ -308,10 +346,8 @@ def _forward(
     """``(out, lse, lists, counts)``: the attention, its natural-log logsumexp ``[B, Hq, N]`` and
     the kept-key lists the backward reuses."""
     B, Hq, N, D = q.shape
-    rows, nqb, cap = _lists_shape(ends, keep, block_m)
-    lists = torch.zeros(rows, nqb, cap, device=ends.device, dtype=torch.int32)  # deterministic padding
-    counts = torch.empty(rows, nqb, 2, device=ends.device, dtype=torch.int32)
-    _lists[(nqb, rows)](ends, lists, counts, N, cap, nqb, BM=block_m, CHUNK=1024)
+    lists, counts = _build_lists(ends, keep, block_m)
+    nqb, cap = lists.shape[-2:]
     o = torch.empty_like(q)
     lse = torch.empty(B, Hq, N, device=q.device, dtype=torch.float32)
     heads = _launch_args(q, k, ends, t)
