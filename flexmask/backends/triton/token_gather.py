@@ -314,18 +314,21 @@ def _lists_shape(ends: torch.Tensor, keep: int, block_m: int) -> tuple[int, int,
     return b * hs, cdiv(n, block_m), min(keep + block_m, n)
 
 
-def _build_lists(ends: torch.Tensor, keep: int, block_m: int, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def _build_lists(
+    ends: torch.Tensor, keep: int, block_m: int, chunks: tuple[int, int] = (4096, 1024)
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The kept-key lists of :func:`kept_lists` by the kernels: the keys some query keeps, then each
     query block's list from those before its end (``O(N·w)`` per row rather than ``O(N²/block_m)``
-    for a scan of every key before each block)."""
+    for a scan of every key before each block). ``chunks``: positions per step of the row scan (one
+    program per row, so long steps) and of the block scans."""
     rows, nqb, cap = _lists_shape(ends, keep, block_m)
     n = ends.shape[-1]
     kept = torch.empty(rows, n, device=ends.device, dtype=torch.int32)
     below = torch.empty(rows, nqb, device=ends.device, dtype=torch.int32)
-    _ever_kept[(rows,)](ends, kept, below, n, nqb, BM=block_m, CHUNK=chunk)
+    _ever_kept[(rows,)](ends, kept, below, n, nqb, BM=block_m, CHUNK=chunks[0], num_warps=8)
     lists = torch.zeros(rows, nqb, cap, device=ends.device, dtype=torch.int32)  # deterministic padding
     counts = torch.empty(rows, nqb, 2, device=ends.device, dtype=torch.int32)
-    _lists[(nqb, rows)](ends, kept, below, lists, counts, n, cap, nqb, BM=block_m, CHUNK=chunk)
+    _lists[(nqb, rows)](ends, kept, below, lists, counts, n, cap, nqb, BM=block_m, CHUNK=chunks[1])
     return lists, counts
 
 
