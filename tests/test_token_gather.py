@@ -17,13 +17,14 @@ from ._triton import compile_for_sm90, compiled, interpreted
 CASES = [(1, 2, 1, 1, 70, 16), (2, 4, 2, 2, 131, 40), (1, 4, 2, 4, 97, 100), (2, 2, 2, 1, 150, 7)]
 
 
-def dense(q, k, v, ends, t, scale):
-    """float64 attention under ``j <= i < ends[j]`` with a per-key bias ``t``."""
+def dense(q, k, v, ends, t, scale, lse=False):
+    """float64 attention under ``j <= i < ends[j]`` with a per-key bias ``t`` (and with ``lse``, the
+    scores' logsumexp)."""
     B, Hq, N, _ = q.shape
     e = heads_to(ends.long(), Hq)[:, :, None, :]
     i, j = torch.arange(N).view(-1, 1), torch.arange(N).view(1, -1)
     bias = None if t is None else heads_to(t.expand(B, -1, -1), Hq)[:, :, None, :]
-    return ref_attention(q, k, v, keep=(j <= i) & (i < e), bias=bias, scale=scale)
+    return ref_attention(q, k, v, keep=(j <= i) & (i < e), bias=bias, scale=scale, with_lse=lse)
 
 
 @interpreted

@@ -28,6 +28,7 @@ import math
 import torch
 
 from ...lowering.layout import cdiv
+from . import token_hopper
 
 try:  # Triton ships with CUDA builds of torch; CPU-only installs have none
     import triton
@@ -354,6 +355,9 @@ def _forward(
     o = torch.empty_like(q)
     lse = torch.empty(B, Hq, N, device=q.device, dtype=torch.float32)
     heads = _launch_args(q, k, ends, t)
+    if token_hopper.supported(q, k, v, heads, block_m):
+        token_hopper.forward(q, k, v, t, ends, lists, counts, o, lse, scale, heads, block_n)
+        return o, lse, lists, counts
     _fwd[(nqb, B * Hq // heads["STACK"])](
         q, k, v, lse if t is None else t, ends, lists, counts, o, lse, scale, N, cap, nqb,
         HAS_T=t is not None, BM=block_m, **_launch(heads, block_m, block_n, backward=False), **heads,
