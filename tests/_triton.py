@@ -22,11 +22,13 @@ compiled = pytest.mark.skipif(
 """Marks a test that compiles kernels (see :func:`compile_for_sm90`)."""
 
 
-def compile_for_sm90(kernels: list[tuple[Callable, dict[str, str], dict]]) -> None:
-    """Compile each ``(kernel, signature, constexprs)`` for sm_90 and check it gave a cubin.
+def compile_for_sm90(kernels: list[tuple[Callable, dict[str, str], dict]], options: dict | None = None) -> None:
+    """Compile each ``(kernel, signature, constexprs)`` (Triton or Gluon) for sm_90 and check it gave a
+    cubin that fits in an H100's shared memory (227 KiB a block).
 
     ``signature`` types the kernel's runtime arguments (``"*bf16"``, ``"i32"``, ...) by name, in any
-    order; ``constexprs`` gives its compile-time ones."""
+    order; ``constexprs`` gives its compile-time ones; ``options`` the launch's (``num_warps``, ...).
+    Pointer arguments are taken as 16-byte aligned, as the launcher specialises them when they are."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -34,5 +36,11 @@ def compile_for_sm90(kernels: list[tuple[Callable, dict[str, str], dict]]) -> No
     for kernel, signature, constexprs in kernels:
         signature = {**signature, **dict.fromkeys(constexprs, "constexpr")}
         signature = {name: signature[name] for name in kernel.arg_names}  # in the kernel's order
-        binary = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32))
-        assert binary.asm["cubin"]
+        aligned = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(signature.values()) if t.startswith("*")}
+        source = ASTSource
+        if type(kernel).__name__ == "GluonJITFunction":
+            from triton.experimental.gluon._runtime import GluonASTSource as source
+        binary = triton.compile(
+            source(kernel, signature, constexprs, aligned), target=GPUTarget("cuda", 90, 32), options=options or {}
+        )
+        assert binary.asm["cubin"] and binary.metadata.shared <= 227 * 1024

@@ -34,22 +34,23 @@ def _case(B, Hq, Hkv, N, w, D, dtype, bias, seed):
     return q, k, v, (None if bias is None else s), ends
 
 
-@pytest.mark.parametrize(
-    "B,Hq,Hkv,N,w,D,dtype,bias",
-    [
-        (2, 4, 2, 1531, 300, 128, torch.bfloat16, "normal"),  # odd length, partial last block, batch 2
-        (1, 2, 1, 4099, 2048, 128, torch.float16, "normal"),  # the paper's heads, w past most blocks
-        (1, 16, 8, 2000, 256, 64, torch.bfloat16, None),
-        (1, 4, 2, 1000, 100, 128, torch.bfloat16, "rising"),
-        (1, 2, 1, 64, 64, 128, torch.bfloat16, "normal"),  # one block, every key kept
-        (1, 16, 8, 1100, 512, 128, torch.bfloat16, "bf16"),
-    ],
-)
+CASES = [
+    (2, 4, 2, 1531, 300, 128, torch.bfloat16, "normal"),  # odd length, partial last block, batch 2
+    (1, 2, 1, 4099, 2048, 128, torch.float16, "normal"),  # the paper's heads, w past most blocks
+    (1, 4, 2, 700, 1000, 128, torch.bfloat16, "normal"),  # w past N: every earlier key kept
+    (1, 16, 8, 2000, 256, 64, torch.bfloat16, None),
+    (1, 4, 2, 1000, 100, 128, torch.bfloat16, "rising"),
+    (1, 2, 1, 64, 64, 128, torch.bfloat16, "normal"),  # one block, every key kept
+    (1, 16, 8, 1100, 512, 128, torch.bfloat16, "bf16"),
+]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,N,w,D,dtype,bias", CASES)
 @pytest.mark.parametrize("block_n", [0, 64])
 def test_hopper_forward_matches_float64_and_the_triton_forward(B, Hq, Hkv, N, w, D, dtype, bias, block_n):
     q, k, v, t, ends = _case(B, Hq, Hkv, N, w, D, dtype, bias, seed=N + w)
     heads = tg._launch_args(q, k, ends, t)
-    assert token_hopper.supported(q, k, v, heads, 64)
+    assert token_hopper.supported(q, k, v, heads, 64, block_n)
     lists, counts = tg._build_lists(ends, w, 64)
     o = torch.empty_like(q)
     lse = torch.empty(B, Hq, N, device="cuda", dtype=torch.float32)
@@ -63,7 +64,7 @@ def test_hopper_forward_matches_float64_and_the_triton_forward(B, Hq, Hkv, N, w,
     nqb, cap = lists.shape[-2:]
     tg._fwd[(nqb, B * Hq // 2)](
         q, k, v, lse if t is None else t, ends, lists, counts, o2, lse2, D**-0.5, N, cap, nqb,
-        HAS_T=t is not None, BM=64, **tg._launch(heads, 64, 0, backward=False), **heads,
+        HAS_T=t is not None, BM=64, **tg._launch(heads, 64, 0), **heads,
     )  # fmt: skip
     assert rel_err(o.double(), o2.double()) < 1e-2
     assert (lse - lse2).abs().max().item() < 1e-3
@@ -71,11 +72,12 @@ def test_hopper_forward_matches_float64_and_the_triton_forward(B, Hq, Hkv, N, w,
 
 def test_hopper_forward_is_not_taken_where_it_does_not_apply():
     q, k, v, t, ends = _case(1, 4, 4, 256, 64, 128, torch.bfloat16, "normal", seed=0)  # no GQA pair to stack
-    assert not token_hopper.supported(q, k, v, tg._launch_args(q, k, ends, t), 64)
+    assert not token_hopper.supported(q, k, v, tg._launch_args(q, k, ends, t), 64, 0)
     q, k, v, t, ends = _case(1, 4, 2, 256, 64, 128, torch.bfloat16, "normal", seed=0)
     heads = tg._launch_args(q, k, ends, t)
-    assert token_hopper.supported(q, k, v, heads, 64)
-    assert not token_hopper.supported(q, k, v, heads, 32)
-    assert not token_hopper.supported(q.float(), k, v, heads, 64)
+    assert token_hopper.supported(q, k, v, heads, 64, 0)
+    assert not token_hopper.supported(q, k, v, heads, 32, 0)
+    assert not token_hopper.supported(q.float(), k, v, heads, 64, 0)
+    assert not token_hopper.supported(q, k, v, heads, 64, 32)
     shifted = torch.empty(k.numel() + 1, device="cuda", dtype=k.dtype)[1:].view_as(k)  # 2 bytes past an alignment
-    assert not token_hopper.supported(q, shifted, v, heads, 64)
+    assert not token_hopper.supported(q, shifted, v, heads, 64, 0)

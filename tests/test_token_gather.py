@@ -106,6 +106,21 @@ def test_kernels_compile_for_a_gpu(bias):
     )
 
 
+@compiled
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("bias,D,BN", [(True, 128, 128), (False, 128, 64), (True, 64, 128)])
+def test_hopper_forward_compiles_for_sm90(bias, D, BN, dtype):
+    from flexmask.backends.triton import token_hopper as th
+
+    if th.gluon is None:
+        pytest.skip("needs Gluon (Triton >= 3.5)")
+    tensors = dict.fromkeys(("Q", "K", "V", "O"), f"*{dtype}") | {"T": "*fp32", "LSE": "*fp32"}
+    sig = tensors | dict.fromkeys(("E", "LIST", "CNT"), "*i32") | {"qk_scale": "fp32"}
+    sig |= dict.fromkeys(("N", "CAP", "NQB"), "i32")
+    c = dict(HQ=16, HS_DIV=2, T_HEADS_DIV=2, T_BATCH=1, HAS_T=bias, D=D, BM=64, BN=BN, STAGES=2 if BN == 128 else 3)
+    compile_for_sm90([(th._fwd, sig, c)], options={"num_warps": 4, "maxnreg": 168})
+
+
 def test_a_gqa_group_is_stacked_when_it_shares_selection_and_bias():
     q, k = torch.empty(1, 16, 8, 16), torch.empty(1, 8, 8, 16)
     shared = torch.empty(1, 8, 8, dtype=torch.int32)

@@ -165,7 +165,7 @@ if triton is not None:
         k = tl.load(K + rows, mask=in_list[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         if HAS_T:
-            s += tl.load(T + t_row + j, mask=in_list, other=0.0)[None, :] * _LOG2E
+            s += tl.load(T + t_row + j, mask=in_list, other=0.0).to(tl.float32)[None, :] * _LOG2E
         if not FULL:
             e = tl.load(E + row * N + j, mask=in_list, other=0)
             keep = in_list[None, :] & (j[None, :] <= i[:, None]) & (i[:, None] < e[None, :])
@@ -355,7 +355,7 @@ def _forward(
     o = torch.empty_like(q)
     lse = torch.empty(B, Hq, N, device=q.device, dtype=torch.float32)
     heads = _launch_args(q, k, ends, t)
-    if token_hopper.supported(q, k, v, heads, block_m):
+    if token_hopper.supported(q, k, v, heads, block_m, block_n):
         token_hopper.forward(q, k, v, t, ends, lists, counts, o, lse, scale, heads, block_n)
         return o, lse, lists, counts
     _fwd[(nqb, B * Hq // heads["STACK"])](

@@ -33,10 +33,11 @@ LOG2E = 1.4426950408889634
 BLOCK_M = 64  # queries of a block: one consumer's rows (a warpgroup's wgmma has 64 rows)
 
 
-def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: dict, block_m: int) -> bool:
+def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: dict, block_m: int, block_n: int) -> bool:
     """Whether :func:`forward` runs this call: Gluon present, an sm_90 GPU, 16-bit inputs, a head dim
-    of 64 or 128, query blocks of 64 and a stacked GQA pair (``heads`` from ``_launch_args``), and
-    ``q``, ``k``, ``v`` at 16-byte aligned addresses (the gathers copy 16 bytes a thread)."""
+    of 64 or 128, query blocks of 64, a stacked GQA pair (``heads`` from ``_launch_args``), ``q``,
+    ``k``, ``v`` at 16-byte aligned addresses (the gathers copy 16 bytes a thread), and chunks of
+    64 or 128 keys (0: the kernel's own)."""
     return (
         gluon is not None
         and q.is_cuda
@@ -46,6 +47,7 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: dict, bl
         and heads["D"] in (64, 128)
         and block_m == BLOCK_M
         and all(x.data_ptr() % 16 == 0 for x in (q, k, v))
+        and block_n in (0, 64, 128)
     )
 
 
