@@ -312,7 +312,7 @@ MODEL_STYLE = {
 
 def model_step():
     """A training step of the 8-layer model against N, per variant."""
-    reports = [("model-8k-32k", load("model-8k-32k")), ("model-64k", load("model-64k"))]
+    reports = [("model-8k-64k", load("model-8k-64k"))]
     fig, (ax,) = _figure(1, width=7.6, height=4.6)  # wide enough for the title and the source line
     series: dict[str, dict[int, float]] = {}
     for _, report in reports:

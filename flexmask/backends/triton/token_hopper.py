@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-try:  # Gluon ships with Triton >= 3.5 (torch 2.11 ships 3.6); CPU-only installs have neither
+try:  # Gluon ships with Triton (3.6 with torch 2.11; checked with 3.6 and 3.8); CPU-only installs have neither
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
