@@ -17,6 +17,9 @@ Backward, the same programs recompute the probabilities (and ``Δ_i = dO_i · O_
 and the bias gradient (``Σ_i dS_ij``, summed over the chunk's queries first: one atomic per key and
 chunk) are added atomically into float32 buffers.
 
+On Hopper the forward is :mod:`.token_hopper`'s warp-specialised Gluon kernel for the calls it
+supports (:func:`.token_hopper.supported`), with the same lists and results.
+
 The kernels run as two custom ops (``flexmask::token_gather_fwd`` / ``_bwd``), which
 ``torch.compile`` treats as opaque calls.
 """
