@@ -322,9 +322,11 @@ def _build_lists(
     ends: torch.Tensor, keep: int, block_m: int, chunks: tuple[int, int] = (4096, 1024)
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The kept-key lists of :func:`kept_lists` by the kernels: the keys some query keeps, then each
-    query block's list from those before its end (``O(N·w)`` per row rather than ``O(N²/block_m)``
-    for a scan of every key before each block). ``chunks``: positions per step of the row scan (one
-    program per row, so long steps) and of the block scans."""
+    query block's list from those before its end. For random scores about ``w·(1 + ln(N/w))`` keys
+    of a row are kept by some query, so the block scans read ``N/block_m`` times that rather than
+    ``N²/(2·block_m)``; where every key is (scores rising along the keys) it is the same work plus
+    the row scan. ``chunks``: positions per step of the row scan (one program per row, so long
+    steps) and of the block scans."""
     rows, nqb, cap = _lists_shape(ends, keep, block_m)
     n = ends.shape[-1]
     kept = torch.empty(rows, n, device=ends.device, dtype=torch.int32)
