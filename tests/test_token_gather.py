@@ -118,7 +118,7 @@ def test_hopper_forward_compiles_for_sm90(bias, D, BN, dtype):
     sig = tensors | dict.fromkeys(("E", "LIST", "CNT"), "*i32") | {"qk_scale": "fp32"}
     sig |= dict.fromkeys(("N", "CAP", "NQB"), "i32")
     c = dict(HQ=16, HS_DIV=2, T_HEADS_DIV=2, T_BATCH=1, HAS_T=bias, D=D, BM=64, BN=BN, STAGES=2 if BN == 128 else 3)
-    compile_for_sm90([(th._fwd, sig, c)], options={"num_warps": 4, "maxnreg": 168})
+    compile_for_sm90([(th._fwd, sig, c)], options={"num_warps": 4})
 
 
 def test_a_gqa_group_is_stacked_when_it_shares_selection_and_bias():
