@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-try:  # Gluon ships with Triton (3.6 with torch 2.11; checked with 3.6 and 3.8); CPU-only installs have neither
+try:  # Gluon ships with Triton (3.6 with torch 2.11; compiles with 3.6 to 3.9); CPU-only installs have neither
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
@@ -55,6 +55,7 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: dict, bl
 
 if gluon is not None:
     _LOG2E = gl.constexpr(LOG2E)
+    _async_load = getattr(cp, "async_load", None) or cp.async_copy_global_to_shared  # renamed in triton 3.9
 
     @gluon.jit
     def _block(CNT, N, CAP, NQB, HQ: gl.constexpr, HS_DIV: gl.constexpr):
@@ -95,16 +96,16 @@ if gluon is not None:
             c = chunk * BN + r
             j = gl.load(LIST + list_base + _entries(c, n_full, CAP), mask=c < count, other=0)  # 0: a valid row
             off = kv_base + j.to(gl.int64)[:, None] * D + d[None, :]
-            cp.async_copy_global_to_shared(kb.index(s), K + off)
-            cp.async_copy_global_to_shared(vb.index(s), V + off)
+            _async_load(kb.index(s), K + off)
+            _async_load(vb.index(s), V + off)
             c = chunk * BN + c1
             listed = c < count
-            cp.async_copy_global_to_shared(jb.index(s), LIST + list_base + _entries(c, n_full, CAP), mask=listed)
+            _async_load(jb.index(s), LIST + list_base + _entries(c, n_full, CAP), mask=listed)
             j = gl.load(LIST + list_base + _entries(c, n_full, CAP), mask=listed, other=0)
             # entries past the list copy nothing (stale or unset values): the consumers mask them by c < count
-            cp.async_copy_global_to_shared(eb.index(s), E + row * N + j, mask=listed)
+            _async_load(eb.index(s), E + row * N + j, mask=listed)
             if HAS_T:
-                cp.async_copy_global_to_shared(tb.index(s), T + t_row + j, mask=listed)
+                _async_load(tb.index(s), T + t_row + j, mask=listed)
             cp.mbarrier_arrive(ready.index(s), increment_count=False)  # once this thread's copies land
 
     @gluon.jit
