@@ -36,9 +36,10 @@ class Options(TypedDict, total=False):
             CPU) or ``"auto"`` (flex on CUDA, reference elsewhere). Default ``"auto"``.
         token_layout: run a lone ``fm.topk`` mask (with at most an ``fm.key_bias`` of its scores)
             through the key layout that lets FlexAttention skip unselected keys. Default ``True``.
-        token_kernel: with ``token_layout``, on CUDA: ``"gather"`` (a Triton kernel that reads each
+        token_kernel: with ``token_layout``, on CUDA: ``"gather"`` (Triton kernels that read each
             query block's kept keys in place; float16/bfloat16, ``q``/``k``/``v`` head dims equal and
-            a power of two), ``"flex"`` (FlexAttention over the key layout), or ``"auto"``
+            a power of two; on Hopper GPUs the forward of GQA pairs with head dims 64 or 128 is a
+            warp-specialised Gluon kernel), ``"flex"`` (FlexAttention over the key layout), or ``"auto"``
             (``"gather"`` where it applies and the head dim is at most 128, else ``"flex"``).
             Default ``"auto"``.
         gather_decode: for one decoding query (``q_len == 1``) under a content mask (``fm.topk``,
