@@ -338,6 +338,17 @@ def _build_lists(
     return lists, counts
 
 
+def triton_forward(q, k, v, t, ends, lists, counts, o, lse, scale: float, heads: dict, block_m: int, block_n: int):
+    """Fill ``o`` and ``lse`` with the Triton forward kernel :func:`_fwd` over the kept-key lists
+    (``heads`` from :func:`_launch_args`; ``block_n`` 0 takes the tuned chunk, :func:`_launch`)."""
+    B, Hq, N, _ = q.shape
+    nqb, cap = lists.shape[-2:]
+    _fwd[(nqb, B * Hq // heads["STACK"])](
+        q, k, v, lse if t is None else t, ends, lists, counts, o, lse, scale, N, cap, nqb,
+        HAS_T=t is not None, BM=block_m, **_launch(heads, block_m, block_n, backward=False), **heads,
+    )  # fmt: skip
+
+
 # Custom ops: opaque to torch.compile (dynamo does not trace into the launches, so it needs no
 # mutation analysis of the kernels' pointer arguments), with fake implementations for tracing.
 @torch.library.custom_op("flexmask::token_gather_fwd", mutates_args=())
@@ -354,19 +365,14 @@ def _forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(out, lse, lists, counts)``: the attention, its natural-log logsumexp ``[B, Hq, N]`` and
     the kept-key lists the backward reuses."""
-    B, Hq, N, D = q.shape
     lists, counts = _build_lists(ends, keep, block_m)
-    nqb, cap = lists.shape[-2:]
     o = torch.empty_like(q)
-    lse = torch.empty(B, Hq, N, device=q.device, dtype=torch.float32)
+    lse = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
     heads = _launch_args(q, k, ends, t)
     if token_hopper.supported(q, k, v, heads, block_m, block_n):
         token_hopper.forward(q, k, v, t, ends, lists, counts, o, lse, scale, heads, block_n)
-        return o, lse, lists, counts
-    _fwd[(nqb, B * Hq // heads["STACK"])](
-        q, k, v, lse if t is None else t, ends, lists, counts, o, lse, scale, N, cap, nqb,
-        HAS_T=t is not None, BM=block_m, **_launch(heads, block_m, block_n, backward=False), **heads,
-    )  # fmt: skip
+    else:
+        triton_forward(q, k, v, t, ends, lists, counts, o, lse, scale, heads, block_m, block_n)
     return o, lse, lists, counts
 
 

@@ -196,8 +196,8 @@ if gluon is not None:
 
 
 def forward(q, k, v, t, ends, lists, counts, o, lse, scale: float, heads: dict, block_n: int = 0) -> None:
-    """Fill ``o`` and ``lse`` like ``token_gather._fwd`` does (see :func:`supported` for when it
-    applies). ``block_n``: keys of a chunk (0: 128)."""
+    """Fill ``o`` and ``lse`` as :func:`.token_gather.triton_forward` does (see :func:`supported` for
+    when it applies). ``block_n``: keys of a chunk (0: 128)."""
     B, Hq, N, D = q.shape
     nqb, cap = lists.shape[-2:]
     bn = block_n or 128
