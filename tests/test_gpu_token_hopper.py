@@ -42,6 +42,8 @@ CASES = [
     (1, 4, 2, 1000, 100, 128, torch.bfloat16, "rising"),
     (1, 2, 1, 64, 64, 128, torch.bfloat16, "normal"),  # one block, every key kept
     (1, 16, 8, 1100, 512, 128, torch.bfloat16, "bf16"),
+    (2, 8, 2, 1100, 300, 128, torch.bfloat16, "normal"),  # GQA groups of 4: two pairs a KV head
+    (1, 12, 2, 777, 200, 64, torch.float16, "normal"),  # groups of 6
 ]
 
 

@@ -117,7 +117,10 @@ def test_hopper_forward_compiles_for_sm90(bias, D, BN, dtype):
     tensors = dict.fromkeys(("Q", "K", "V", "O"), f"*{dtype}") | {"T": "*fp32", "LSE": "*fp32"}
     sig = tensors | dict.fromkeys(("E", "LIST", "CNT"), "*i32") | {"qk_scale": "fp32"}
     sig |= dict.fromkeys(("N", "CAP", "NQB"), "i32")
-    c = dict(HQ=16, HS_DIV=2, T_HEADS_DIV=2, T_BATCH=1, HAS_T=bias, D=D, BM=64, BN=BN, STAGES=2 if BN == 128 else 3)
+    c = dict(HQ=16, G=2, HS_DIV=2, T_HEADS_DIV=2, T_BATCH=1, HAS_T=bias, D=D, BM=64, BN=BN)
+    c["STAGES"] = 2 if BN == 128 else 3
+    if not bias:  # groups of 4: two pairs a KV head
+        c |= dict(G=4, HS_DIV=4, T_HEADS_DIV=4)
     compile_for_sm90([(th._fwd, sig, c)], options={"num_warps": 4})
 
 

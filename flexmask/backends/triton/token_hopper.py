@@ -2,9 +2,10 @@
 
 Same contract as :func:`flexmask.backends.triton.token_gather._fwd` (the kept-key lists, their
 unmasked chunks first, the per-key bias, the rule ``j <= i < e_j`` on the rest, the output and the
-natural-log logsumexp) for the layout DMA uses most: a GQA pair of query heads sharing one KV head,
-one selection head and one bias head (``STACK == 2``). One program per (query block, KV head) has
-three partitions of 4 warps:
+natural-log logsumexp) for the layouts DMA uses: query heads in pairs that share one KV head, one
+selection head and one bias head (a GQA group of 2, or of 4, 6, ... with its selection and bias
+heads shared by pairs at least). One program per (query block, pair of query heads) has three
+partitions of 4 warps:
 
 - a producer gathers each chunk's rows of ``K`` and ``V``, and the chunk's list entries, interval
   ends and biases, by index with ``cp.async`` into a ring of shared-memory stages, each signalled by
@@ -37,7 +38,8 @@ BLOCK_M = 64  # queries of a block: one consumer's rows (a warpgroup's wgmma has
 
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: dict, block_m: int, block_n: int) -> bool:
     """Whether :func:`forward` runs this call: Gluon present, an sm_90 GPU, 16-bit inputs, a head dim
-    of 64 or 128, query blocks of 64, a stacked GQA pair (``heads`` from ``_launch_args``), ``q``,
+    of 64 or 128, query blocks of 64, query heads whose pairs share their KV, selection and bias heads
+    (``heads`` from ``_launch_args``), ``q``,
     ``k``, ``v`` at 16-byte aligned addresses (the gathers copy 16 bytes a thread), and chunks of
     64 or 128 keys (0: the kernel's own)."""
     return (
@@ -45,7 +47,9 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: dict, bl
         and q.is_cuda
         and torch.cuda.get_device_capability(q.device) == (9, 0)
         and q.dtype in (torch.float16, torch.bfloat16)
-        and heads["STACK"] == 2
+        and heads["G"] % 2 == 0  # pairs of consecutive heads share a KV head,
+        and heads["HS_DIV"] % 2 == 0  # a selection head
+        and heads["T_HEADS_DIV"] % 2 == 0  # and a bias head
         and heads["D"] in (64, 128)
         and block_m == BLOCK_M
         and all(x.data_ptr() % 16 == 0 for x in (q, k, v))
@@ -58,14 +62,14 @@ if gluon is not None:
     _async_load = getattr(cp, "async_load", None) or cp.async_copy_global_to_shared  # renamed in triton 3.9
 
     @gluon.jit
-    def _block(CNT, N, CAP, NQB, HQ: gl.constexpr, HS_DIV: gl.constexpr):
+    def _block(CNT, N, CAP, NQB, HQ: gl.constexpr, G: gl.constexpr, HS_DIV: gl.constexpr):
         """This program's query block, batch, first query head of the pair, KV head, selection row, and
         its list (offset, entries every query keeps, length)."""
         m = gl.program_id(0)
         bh = gl.program_id(1)
         b = bh // (HQ // 2)
-        hkv = bh % (HQ // 2)
-        first = hkv * 2
+        first = (bh % (HQ // 2)) * 2
+        hkv = first // G
         row = (b * (HQ // HS_DIV) + first // HS_DIV).to(gl.int64)
         n_full = gl.load(CNT + (row * NQB + m) * 2)
         count = gl.load(CNT + (row * NQB + m) * 2 + 1)
@@ -79,13 +83,13 @@ if gluon is not None:
     @gluon.jit
     def _producer(
         K, V, T, E, LIST, CNT, N, CAP, NQB, kb, vb, jb, eb, tb, ready, free,
-        HQ: gl.constexpr, HS_DIV: gl.constexpr, T_HEADS_DIV: gl.constexpr, T_BATCH: gl.constexpr,
+        HQ: gl.constexpr, G: gl.constexpr, HS_DIV: gl.constexpr, T_HEADS_DIV: gl.constexpr, T_BATCH: gl.constexpr,
         HAS_T: gl.constexpr, D: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
     ):  # fmt: skip
         rows_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D // 8), D // 8], [4, 1], [1, 0])  # 16 B a thread
         keys_l: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
-        m, b, first, hkv, row, list_base, n_full, count = _block(CNT, N, CAP, NQB, HQ, HS_DIV)
-        kv_base = (b * (HQ // 2) + hkv).to(gl.int64) * N * D
+        m, b, first, hkv, row, list_base, n_full, count = _block(CNT, N, CAP, NQB, HQ, G, HS_DIV)
+        kv_base = (b * (HQ // G) + hkv).to(gl.int64) * N * D
         t_row = ((b % T_BATCH) * (HQ // T_HEADS_DIV) + first // T_HEADS_DIV).to(gl.int64) * N
         r = gl.arange(0, BN, gl.SliceLayout(1, rows_l))
         d = gl.arange(0, D, gl.SliceLayout(0, rows_l))
@@ -111,10 +115,10 @@ if gluon is not None:
     @gluon.jit
     def _consumer(
         Q, O, LSE, CNT, qk_scale, N, CAP, NQB, kb, vb, jb, eb, tb, ready, free,
-        W: gl.constexpr, HQ: gl.constexpr, HS_DIV: gl.constexpr, HAS_T: gl.constexpr, D: gl.constexpr,
+        W: gl.constexpr, HQ: gl.constexpr, G: gl.constexpr, HS_DIV: gl.constexpr, HAS_T: gl.constexpr, D: gl.constexpr,
         BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
     ):  # fmt: skip
-        m, b, first, hkv, row, list_base, n_full, count = _block(CNT, N, CAP, NQB, HQ, HS_DIV)
+        m, b, first, hkv, row, list_base, n_full, count = _block(CNT, N, CAP, NQB, HQ, G, HS_DIV)
         head = first + W
         io_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D // 8), D // 8], [4, 1], [1, 0])
         s_l: gl.constexpr = gl.NVMMADistributedLayout([3, 0], [4, 1], [16, BN, 16])  # scores, a chunk
@@ -165,10 +169,11 @@ if gluon is not None:
     @gluon.jit
     def _fwd(
         Q, K, V, T, E, LIST, CNT, O, LSE, qk_scale, N, CAP, NQB,
-        HQ: gl.constexpr, HS_DIV: gl.constexpr, T_HEADS_DIV: gl.constexpr, T_BATCH: gl.constexpr,
+        HQ: gl.constexpr, G: gl.constexpr, HS_DIV: gl.constexpr, T_HEADS_DIV: gl.constexpr, T_BATCH: gl.constexpr,
         HAS_T: gl.constexpr, D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
     ):  # fmt: skip
-        """Grid ``(query blocks, B · Hq / 2)``, 4 warps (the first consumer) plus two 4-warp workers."""
+        """Grid ``(query blocks, B · Hq / 2)`` (one program a pair of query heads), 4 warps (the first
+        consumer) plus two 4-warp workers."""
         rows_s: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, D], K.dtype.element_ty)
         keys_s: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
         kb = gl.allocate_shared_memory(K.dtype.element_ty, [STAGES, BN, D], rows_s)
@@ -184,11 +189,11 @@ if gluon is not None:
         gl.warp_specialize(
             [
                 (_consumer, (Q, O, LSE, CNT, qk_scale, N, CAP, NQB, kb, vb, jb, eb, tb, ready, free,
-                             0, HQ, HS_DIV, HAS_T, D, BM, BN, STAGES)),
+                             0, HQ, G, HS_DIV, HAS_T, D, BM, BN, STAGES)),
                 (_consumer, (Q, O, LSE, CNT, qk_scale, N, CAP, NQB, kb, vb, jb, eb, tb, ready, free,
-                             1, HQ, HS_DIV, HAS_T, D, BM, BN, STAGES)),
+                             1, HQ, G, HS_DIV, HAS_T, D, BM, BN, STAGES)),
                 (_producer, (K, V, T, E, LIST, CNT, N, CAP, NQB, kb, vb, jb, eb, tb, ready, free,
-                             HQ, HS_DIV, T_HEADS_DIV, T_BATCH, HAS_T, D, BN, STAGES)),
+                             HQ, G, HS_DIV, T_HEADS_DIV, T_BATCH, HAS_T, D, BN, STAGES)),
             ],
             [4, 4],
             [232, 56],
@@ -206,6 +211,6 @@ def forward(q, k, v, t, ends, lists, counts, o, lse, scale: float, heads: dict, 
     # (triton 3.6 and 3.8), so the option only adds to the launch's arguments.
     _fwd[(nqb, B * Hq // 2)](
         q, k, v, lse if t is None else t, ends, lists, counts, o, lse, scale * LOG2E, N, cap, nqb,
-        HQ=Hq, HS_DIV=heads["HS_DIV"], T_HEADS_DIV=heads["T_HEADS_DIV"], T_BATCH=heads["T_BATCH"],
+        HQ=Hq, G=heads["G"], HS_DIV=heads["HS_DIV"], T_HEADS_DIV=heads["T_HEADS_DIV"], T_BATCH=heads["T_BATCH"],
         HAS_T=t is not None, D=D, BM=BLOCK_M, BN=bn, STAGES=2 if bn == 128 else 3, num_warps=4,
     )  # fmt: skip
