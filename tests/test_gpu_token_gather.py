@@ -15,7 +15,10 @@ from .test_token_gather import dense
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("B,Hq,Hkv,N,w", [(1, 16, 8, 2000, 256), (2, 4, 2, 1531, 300), (1, 2, 1, 4099, 2048)])
+@pytest.mark.parametrize(
+    "B,Hq,Hkv,N,w",
+    [(1, 16, 8, 2000, 256), (2, 4, 2, 1531, 300), (1, 2, 1, 4099, 2048), (2, 8, 2, 1100, 300), (1, 12, 2, 777, 200)],
+)
 def test_token_gather_matches_float64_on_gpu(B, Hq, Hkv, N, w):
     g = torch.Generator().manual_seed(N)
     D = 128

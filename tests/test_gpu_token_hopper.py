@@ -1,5 +1,6 @@
-"""The token top-k forward for Hopper (``flexmask.backends.triton.token_hopper``, Gluon) on an sm_90 GPU:
-output and logsumexp against float64, and the same as the plain Triton forward on the same lists."""
+"""The token top-k kernels for Hopper (``flexmask.backends.triton.token_hopper``, Gluon) on an sm_90 GPU:
+output and logsumexp, and every gradient, against float64 and the same as the plain Triton kernels on
+the same lists."""
 
 from __future__ import annotations
 
@@ -68,6 +69,35 @@ def test_hopper_forward_matches_float64_and_the_triton_forward(B, Hq, Hkv, N, w,
     assert (lse - lse2).abs().max().item() < 1e-3
 
 
+@pytest.mark.parametrize("B,Hq,Hkv,N,w,D,dtype,bias", CASES)
+def test_hopper_backward_matches_float64_and_the_triton_backward(B, Hq, Hkv, N, w, D, dtype, bias):
+    q, k, v, t, ends = _case(B, Hq, Hkv, N, w, D, dtype, bias, seed=N + w + 1)
+    heads = tg._launch_args(q, k, ends, t)
+    assert token_hopper.supported(q, k, v, heads, 64, 0, backward=True)
+    lists, counts = tg._build_lists(ends, w, 64)
+    o = torch.empty_like(q)
+    lse = torch.empty(B, Hq, N, device="cuda", dtype=torch.float32)
+    tg.triton_forward(q, k, v, t, ends, lists, counts, o, lse, D**-0.5, heads, 64, 0)
+    do = torch.randn_like(q)
+
+    def grads(backward, *launch):
+        dq = torch.empty_like(q)
+        dk, dv = (torch.zeros(x.shape, device="cuda") for x in (k, v))
+        dt = torch.zeros(t.shape if t is not None else (0,), device="cuda")
+        backward(q, k, v, t, ends, lists, counts, o, do, lse, dq, dk, dv, dt, D**-0.5, heads, *launch)
+        return dq, dk, dv, dt
+
+    got = grads(token_hopper.backward)
+    triton = grads(tg.triton_backward, 64, 0)
+    leaves = [x.double().cpu().requires_grad_() for x in (q, k, v) + (() if t is None else (t,))]
+    ref = dense(*leaves[:3], ends.cpu(), leaves[3] if t is not None else None, D**-0.5)
+    want = torch.autograd.grad(ref, leaves, do.double().cpu())
+    n = len(want)  # without a bias: q, k, v
+    for name, a, b, c in zip("qkvt"[:n], got[:n], triton[:n], want, strict=True):
+        assert rel_err(a.double().cpu(), c) < 3e-2, name
+        assert rel_err(a.double(), b.double()) < 1e-2, name
+
+
 def test_hopper_forward_is_not_taken_where_it_does_not_apply():
     q, k, v, t, ends = _case(1, 4, 4, 256, 64, 128, torch.bfloat16, "normal", seed=0)  # no GQA pair to stack
     assert not token_hopper.supported(q, k, v, tg._launch_args(q, k, ends, t), 64, 0)
@@ -77,5 +107,8 @@ def test_hopper_forward_is_not_taken_where_it_does_not_apply():
     assert not token_hopper.supported(q, k, v, heads, 32, 0)
     assert not token_hopper.supported(q.float(), k, v, heads, 64, 0)
     assert not token_hopper.supported(q, k, v, heads, 64, 32)
+    assert token_hopper.supported(q, k, v, heads, 64, 128)
+    assert not token_hopper.supported(q, k, v, heads, 64, 128, backward=True)  # too little shared memory
+    assert token_hopper.supported(q, k, v, heads, 64, 64, backward=True)
     shifted = torch.empty(k.numel() + 1, device="cuda", dtype=k.dtype)[1:].view_as(k)  # 2 bytes past an alignment
     assert not token_hopper.supported(q, shifted, v, heads, 64, 0)

@@ -14,7 +14,14 @@ from flexmask.lowering.selection import topk_ends
 from ._reference import heads_to, ref_attention
 from ._triton import compile_for_sm90, compiled, interpreted
 
-CASES = [(1, 2, 1, 1, 70, 16), (2, 4, 2, 2, 131, 40), (1, 4, 2, 4, 97, 100), (2, 2, 2, 1, 150, 7)]
+CASES = [
+    (1, 2, 1, 1, 70, 16),
+    (2, 4, 2, 2, 131, 40),
+    (1, 4, 2, 4, 97, 100),
+    (2, 2, 2, 1, 150, 7),
+    (1, 8, 2, 2, 77, 20),  # GQA groups of 4 sharing selection: programs of 2 heads, 2 a KV head
+    (1, 6, 1, 1, 45, 9),  # a group of 6: programs of 2 heads
+]
 
 
 def dense(q, k, v, ends, t, scale, lse=False):
@@ -124,6 +131,23 @@ def test_hopper_forward_compiles_for_sm90(bias, D, BN, dtype):
     compile_for_sm90([(th._fwd, sig, c)], options={"num_warps": 4})
 
 
+@compiled
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("bias,D,G", [(True, 128, 2), (False, 128, 4), (True, 64, 2)])
+def test_hopper_backward_compiles_for_sm90(bias, D, G, dtype):
+    from flexmask.backends.triton import token_hopper as th
+
+    if th.gluon is None:
+        pytest.skip("needs Gluon (Triton >= 3.5)")
+    tensors = dict.fromkeys(("Q", "K", "V", "O", "DO", "DQ"), f"*{dtype}")
+    tensors |= dict.fromkeys(("T", "LSE", "DK", "DV", "DT"), "*fp32")
+    sig = tensors | dict.fromkeys(("E", "LIST", "CNT"), "*i32") | {"qk_scale": "fp32", "sm_scale": "fp32"}
+    sig |= dict.fromkeys(("N", "CAP", "NQB"), "i32")
+    c = dict(HQ=16, G=G, HS_DIV=G, T_HEADS_DIV=G, T_BATCH=1, HAS_T=bias, T_GRAD=bias, D=D, BM=64)
+    c |= dict(BN=th.BACKWARD_BLOCK_N, STAGES=2)
+    compile_for_sm90([(th._bwd, sig, c)], options={"num_warps": 4})
+
+
 def test_a_gqa_group_is_stacked_when_it_shares_selection_and_bias():
     q, k = torch.empty(1, 16, 8, 16), torch.empty(1, 8, 8, 16)
     shared = torch.empty(1, 8, 8, dtype=torch.int32)
@@ -131,6 +155,13 @@ def test_a_gqa_group_is_stacked_when_it_shares_selection_and_bias():
     assert tg._launch_args(q, k, shared, None)["STACK"] == 2
     assert tg._launch_args(q, k, torch.empty(1, 16, 8, dtype=torch.int32), None)["STACK"] == 1  # per query head
     assert tg._launch_args(q, k, shared, torch.empty(1, 16, 8))["STACK"] == 1  # a bias per query head
+    k4, shared4 = torch.empty(1, 4, 8, 16), torch.empty(1, 4, 8, dtype=torch.int32)
+    assert tg._launch_args(q, k4, shared4, None)["STACK"] == tg.STACK_MOST  # groups of 4
+    assert tg._launch_args(q, k4, shared4, None, most=4)["STACK"] == 4
+    q12, k2, shared2 = torch.empty(1, 12, 8, 16), torch.empty(1, 2, 8, 16), torch.empty(1, 2, 8, dtype=torch.int32)
+    assert tg._launch_args(q12, k2, shared2, None, most=8)["STACK"] == 2  # groups of 6: a power of two divides it
+    q3, k1, shared1 = torch.empty(1, 3, 8, 16), torch.empty(1, 1, 8, 16), torch.empty(1, 1, 8, dtype=torch.int32)
+    assert tg._launch_args(q3, k1, shared1, None)["STACK"] == 1
 
 
 @interpreted

@@ -128,14 +128,9 @@ if triton is not None:
         selection and bias heads) times ``BM`` queries. Returns the selection row (of ``E``/``LIST``),
         the bias row's offset, per query row its position and offsets, the KV head's offset, and
         the query block's list (its keys kept by all queries, its length and its offset)."""
-        if STACK > 1:
-            b = bh // (HQ // G)
-            hkv = bh % (HQ // G)
-            first = hkv * G
-        else:
-            b = bh // HQ
-            first = bh % HQ
-            hkv = first // G
+        b = bh // (HQ // STACK)
+        first = (bh % (HQ // STACK)) * STACK
+        hkv = first // G
         r = tl.arange(0, STACK * BM)
         heads = first + r // BM
         i = m * BM + r % BM
@@ -285,14 +280,20 @@ if triton is not None:
         tl.store(DQ + q_rows[:, None] + d[None, :], dq, mask=live[:, None])
 
 
-def _launch_args(q, k, ends, t):
-    """The kernels' head arithmetic, and how many query heads one program stacks: the whole GQA
-    group when its heads share one selection head and one bias head (DMA's usual layout)."""
+STACK_MOST = 2  # provisional: measure STACK 4 against 2 at Hq 32 / Hkv 8
+
+
+def _launch_args(q, k, ends, t, most: int = STACK_MOST):
+    """The kernels' head arithmetic, and how many query heads one program stacks: consecutive heads
+    that share one KV head, one selection head and one bias head (DMA's usual layout), as many as
+    the largest power of two up to ``most`` that divides all three groupings."""
     B, Hq, N, D = q.shape
     Hkv, Hs = k.shape[1], ends.shape[1]
     t_batch, t_heads = (t.shape[0], t.shape[1]) if t is not None else (1, Hs)
     g, hs_div, t_div = Hq // Hkv, Hq // Hs, Hq // t_heads
-    stack = g if hs_div % g == 0 and t_div % g == 0 else 1
+    stack = 1
+    while stack < most and all(x % (2 * stack) == 0 for x in (g, hs_div, t_div)):
+        stack *= 2
     return dict(HQ=Hq, G=g, HS_DIV=hs_div, T_HEADS_DIV=t_div, T_BATCH=t_batch, STACK=stack, D=D)
 
 
@@ -346,6 +347,21 @@ def triton_forward(q, k, v, t, ends, lists, counts, o, lse, scale: float, heads:
     _fwd[(nqb, B * Hq // heads["STACK"])](
         q, k, v, lse if t is None else t, ends, lists, counts, o, lse, scale, N, cap, nqb,
         HAS_T=t is not None, BM=block_m, **_launch(heads, block_m, block_n, backward=False), **heads,
+    )  # fmt: skip
+
+
+def triton_backward(
+    q, k, v, t, ends, lists, counts, o, do, lse, dq, dk, dv, dt, scale: float, heads: dict, block_m: int, block_n: int
+):
+    """Fill ``dq`` and add into ``dk``, ``dv`` (float32, zeroed) and ``dt`` (float32 like ``t``, zeroed;
+    empty for no bias gradient) with the Triton backward kernel :func:`_bwd`."""
+    B, Hq, N, _ = q.shape
+    nqb, cap = lists.shape[-2:]
+    _bwd[(nqb, B * Hq // heads["STACK"])](
+        q, k, v, lse if t is None else t, ends, lists, counts, o, do, lse, dq, dk, dv, dt if dt.numel() else lse,
+        scale, N, cap, nqb,
+        HAS_T=t is not None, T_GRAD=dt.numel() > 0, BM=block_m, **_launch(heads, block_m, block_n, backward=True),
+        **heads,
     )  # fmt: skip
 
 
@@ -408,12 +424,10 @@ def _backward(
     dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
     dt = torch.zeros(t.shape if t_grad else (0,), device=q.device, dtype=torch.float32)
     heads = _launch_args(q, k, ends, t)
-    nqb, cap = lists.shape[-2:]
-    _bwd[(nqb, B * Hq // heads["STACK"])](
-        q, k, v, lse if t is None else t, ends, lists, counts, o, do, lse, dq, dk, dv, dt if t_grad else lse,
-        scale, N, cap, nqb,
-        HAS_T=t is not None, T_GRAD=t_grad, BM=block_m, **_launch(heads, block_m, block_n, backward=True), **heads,
-    )  # fmt: skip
+    if token_hopper.supported(q, k, v, heads, block_m, block_n, backward=True):
+        token_hopper.backward(q, k, v, t, ends, lists, counts, o, do, lse, dq, dk, dv, dt, scale, heads)
+    else:
+        triton_backward(q, k, v, t, ends, lists, counts, o, do, lse, dq, dk, dv, dt, scale, heads, block_m, block_n)
     return dq, dk.to(k.dtype), dv.to(v.dtype), dt
 
 
