@@ -38,9 +38,10 @@ class Options(TypedDict, total=False):
             through the key layout that lets FlexAttention skip unselected keys. Default ``True``.
         token_kernel: with ``token_layout``, on CUDA: ``"gather"`` (Triton kernels that read each
             query block's kept keys in place; float16/bfloat16, ``q``/``k``/``v`` head dims equal and
-            a power of two; on Hopper GPUs the forward of GQA pairs with head dims 64 or 128 is a
-            warp-specialised Gluon kernel), ``"flex"`` (FlexAttention over the key layout), or ``"auto"``
-            (``"gather"`` where it applies and the head dim is at most 128, else ``"flex"``).
+            a power of two; on Hopper GPUs, for GQA groups whose head pairs share their selection and
+            bias and head dims 64 or 128, warp-specialised Gluon kernels), ``"flex"`` (FlexAttention
+            over the key layout), or ``"auto"`` (``"gather"`` where it applies and the head dim is at
+            most 128, else ``"flex"``).
             Default ``"auto"``.
         gather_decode: for one decoding query (``q_len == 1``) under a content mask (``fm.topk``,
             ``fm.topk_blocks``, or an ``&`` with one), attend to the few keys its selection may keep,
