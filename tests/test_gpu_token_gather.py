@@ -16,14 +16,21 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize(
-    "B,Hq,Hkv,N,w",
-    [(1, 16, 8, 2000, 256), (2, 4, 2, 1531, 300), (1, 2, 1, 4099, 2048), (2, 8, 2, 1100, 300), (1, 12, 2, 777, 200)],
+    "B,Hq,Hkv,Hs,N,w",
+    [
+        (1, 16, 8, 8, 2000, 256),
+        (2, 4, 2, 2, 1531, 300),
+        (1, 2, 1, 1, 4099, 2048),
+        (2, 8, 2, 2, 1100, 300),  # groups of 4
+        (1, 12, 2, 2, 777, 200),  # groups of 6
+        (1, 4, 2, 4, 1000, 128),  # a selection per query head: one head a program
+    ],
 )
-def test_token_gather_matches_float64_on_gpu(B, Hq, Hkv, N, w):
+def test_token_gather_matches_float64_on_gpu(B, Hq, Hkv, Hs, N, w):
     g = torch.Generator().manual_seed(N)
     D = 128
     q, k, v = (torch.randn(B, h, N, D, generator=g).cuda().bfloat16().requires_grad_() for h in (Hq, Hkv, Hkv))
-    s = torch.randn(B, Hkv, N, generator=g).cuda().requires_grad_()
+    s = torch.randn(B, Hs, N, generator=g).cuda().requires_grad_()
     gather = {"token_kernel": "gather", "cache": False}
     out = fm.attention(q, k, v, mask=fm.topk(s, w), bias=fm.key_bias(s), options=gather)
     e = topk_ends(key_candidates(s.detach(), (B, s.device))[0], None, w)

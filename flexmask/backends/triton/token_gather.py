@@ -308,9 +308,13 @@ def _launch(heads: dict, block_m: int, block_n: int, backward: bool) -> dict:
     stages (3 stages: 2.02 ms; the backward's settings: 1.98 ms); backward 6.34 ms with chunks of
     64, 8 warps and 3 stages (2 stages: 7.0 ms; ``block_m`` 128: 8.6 ms). The same order at
     Hq 2 / Hkv 1, and again after the backward took over ``Δ`` (backward 6.25 ms; chunks of 32
-    with 8 warps: 7.4 ms; ``block_m`` 128: 8.5 ms)."""
+    with 8 warps: 7.4 ms; ``block_m`` 128: 8.5 ms). One head a program (a selection per query head,
+    H200, 32k, Hq 16 / Hkv 8): backward 8.30 ms with chunks of 32 and 4 warps (2 or 3 stages), 11.6
+    with chunks of 64 and 8 warps, 32.4 with chunks of 64 and 4 warps."""
     if not backward:
         return dict(BN=block_n or 32, num_warps=4, num_stages=2)
+    if heads["STACK"] == 1:
+        return dict(BN=block_n or 32, num_warps=4, num_stages=3)
     wide = heads["STACK"] * block_m * heads["D"] >= 128 * 128  # registers: 8 warps from 128 × 128
     return dict(BN=block_n or 64, num_warps=8 if wide else 4, num_stages=3)
 
