@@ -115,37 +115,31 @@ def test_kernels_compile_for_a_gpu(bias):
 
 @compiled
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-@pytest.mark.parametrize("bias,D,BN", [(True, 128, 128), (False, 128, 64), (True, 64, 128)])
-def test_hopper_forward_compiles_for_sm90(bias, D, BN, dtype):
+@pytest.mark.parametrize(
+    "backward,bias,D,BN,G",
+    [
+        (False, True, 128, 128, 2),
+        (False, False, 128, 64, 4),  # groups of 4: two pairs a KV head
+        (False, True, 64, 128, 2),
+        (True, True, 128, 64, 2),
+        (True, False, 128, 64, 4),
+        (True, True, 64, 64, 2),
+    ],
+)
+def test_hopper_kernels_compile_for_sm90(backward, bias, D, BN, G, dtype):
     from flexmask.backends.triton import token_hopper as th
 
     if th.gluon is None:
         pytest.skip("needs Gluon (Triton >= 3.5)")
-    tensors = dict.fromkeys(("Q", "K", "V", "O"), f"*{dtype}") | {"T": "*fp32", "LSE": "*fp32"}
-    sig = tensors | dict.fromkeys(("E", "LIST", "CNT"), "*i32") | {"qk_scale": "fp32"}
+    halves = ("Q", "K", "V", "O") + (("DO", "DQ") if backward else ())
+    floats = ("T", "LSE") + (("DK", "DV", "DT") if backward else ())
+    sig = dict.fromkeys(halves, f"*{dtype}") | dict.fromkeys(floats, "*fp32")
+    sig |= dict.fromkeys(("E", "LIST", "CNT"), "*i32")
+    sig |= dict.fromkeys(("qk_scale", "sm_scale") if backward else ("qk_scale",), "fp32")
     sig |= dict.fromkeys(("N", "CAP", "NQB"), "i32")
-    c = dict(HQ=16, G=2, HS_DIV=2, T_HEADS_DIV=2, T_BATCH=1, HAS_T=bias, D=D, BM=64, BN=BN)
-    c["STAGES"] = 2 if BN == 128 else 3
-    if not bias:  # groups of 4: two pairs a KV head
-        c |= dict(G=4, HS_DIV=4, T_HEADS_DIV=4)
-    compile_for_sm90([(th._fwd, sig, c)], options={"num_warps": 4})
-
-
-@compiled
-@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-@pytest.mark.parametrize("bias,D,G", [(True, 128, 2), (False, 128, 4), (True, 64, 2)])
-def test_hopper_backward_compiles_for_sm90(bias, D, G, dtype):
-    from flexmask.backends.triton import token_hopper as th
-
-    if th.gluon is None:
-        pytest.skip("needs Gluon (Triton >= 3.5)")
-    tensors = dict.fromkeys(("Q", "K", "V", "O", "DO", "DQ"), f"*{dtype}")
-    tensors |= dict.fromkeys(("T", "LSE", "DK", "DV", "DT"), "*fp32")
-    sig = tensors | dict.fromkeys(("E", "LIST", "CNT"), "*i32") | {"qk_scale": "fp32", "sm_scale": "fp32"}
-    sig |= dict.fromkeys(("N", "CAP", "NQB"), "i32")
-    c = dict(HQ=16, G=G, HS_DIV=G, T_HEADS_DIV=G, T_BATCH=1, HAS_T=bias, T_GRAD=bias, D=D, BM=64)
-    c |= dict(BN=th.BACKWARD_BLOCK_N, STAGES=2)
-    compile_for_sm90([(th._bwd, sig, c)], options={"num_warps": 4})
+    c = dict(HQ=16, G=G, HS_DIV=G, T_HEADS_DIV=G, T_BATCH=1, HAS_T=bias, D=D, BM=64, BN=BN)
+    c |= dict(STAGES=2 if backward or BN == 128 else 3) | (dict(T_GRAD=bias) if backward else {})
+    compile_for_sm90([(th._bwd if backward else th._fwd, sig, c)], options={"num_warps": 4})
 
 
 def test_a_gqa_group_is_stacked_when_it_shares_selection_and_bias():
