@@ -5,9 +5,9 @@ key's interval end (:func:`flexmask.lowering.selection.topk_ends`). A block of `
 queries therefore keeps at most ``w + BM`` distinct keys: those with ``j < (m + 1)·BM`` and
 ``e_j > m·BM``. Here each query block gets that list (one scan per row lists the keys some query
 keeps, ``e_j > j``, about ``w·(1 + ln(N/w))`` of them for random scores; then one scan per block over
-those before its end), and one program
-per (query block, query head) walks it in chunks of ``BN`` keys, loading the keys' rows, values and
-biases by index. Most of a block's keys are kept by all of its queries (``j <= m·BM`` and ``e_j``
+those before its end), and one program per (query block, query heads sharing their KV, selection
+and bias heads: up to ``STACK_MOST``) walks it in chunks of ``BN`` keys, loading the keys' rows,
+values and biases by index. Most of a block's keys are kept by all of its queries (``j <= m·BM`` and ``e_j``
 past the block): the list holds those first, and their chunks need no mask; the rest (the block's
 own keys and those whose interval ends inside it) follow, masked by the rule ``j <= i < e_j``.
 Nothing is copied and no BlockMask is built.
@@ -17,8 +17,8 @@ Backward, the same programs recompute the probabilities (and ``Δ_i = dO_i · O_
 and the bias gradient (``Σ_i dS_ij``, summed over the chunk's queries first: one atomic per key and
 chunk) are added atomically into float32 buffers.
 
-On Hopper the forward is :mod:`.token_hopper`'s warp-specialised Gluon kernel for the calls it
-supports (:func:`.token_hopper.supported`), with the same lists and results.
+On Hopper the forward and the backward are :mod:`.token_hopper`'s warp-specialised Gluon kernels
+for the calls they support (:func:`.token_hopper.supported`), with the same lists and results.
 
 The kernels run as two custom ops (``flexmask::token_gather_fwd`` / ``_bwd``), which
 ``torch.compile`` treats as opaque calls.
