@@ -7,9 +7,10 @@ queries therefore keeps at most ``w + BM`` distinct keys: those with ``j < (m + 
 keeps, ``e_j > j``, about ``w·(1 + ln(N/w))`` of them for random scores; then one scan per block over
 those before its end), and one program per (query block, query heads sharing their KV, selection
 and bias heads: up to ``STACK_MOST``) walks it in chunks of ``BN`` keys, loading the keys' rows,
-values and biases by index. Most of a block's keys are kept by all of its queries (``j <= m·BM`` and ``e_j``
-past the block): the list holds those first, and their chunks need no mask; the rest (the block's
-own keys and those whose interval ends inside it) follow, masked by the rule ``j <= i < e_j``.
+values and biases by index. Most of a block's keys are kept by all of its queries (``j <= m·BM``
+and ``e_j`` past the block): the list holds those first, and their chunks need no mask; the rest
+(the block's own keys and those whose interval ends inside it) follow, masked by the rule
+``j <= i < e_j``.
 Nothing is copied and no BlockMask is built.
 
 Backward, the same programs recompute the probabilities (and ``Δ_i = dO_i · O_i`` from their rows of
@@ -424,7 +425,6 @@ def _backward(
     t_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv, dt)``; ``dt`` float32 like ``t`` (empty without ``t_grad``)."""
-    B, Hq, N, D = q.shape
     do, o = do.contiguous(), o.contiguous()
     dq = torch.empty_like(q)
     dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
