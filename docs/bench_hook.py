@@ -330,8 +330,9 @@ def model_step():
         lengths += ns
         ax.plot(ns, [points[n][0] for n in ns], color=colour, marker=marker, label=label)
         if key not in ("sdpa-eager",):
-            for n in ns:  # token's labels below its points: its line runs just under block's
-                _speedup(ax, n, points[n][0], points[n][1], colour, dy=-10 if key == "dma-token" else 2)
+            dy = {"dma-token": -10, "flexmask": 8}.get(key, 2)  # token's line runs just under block's,
+            for n in ns:  # flexmask causal's just over it at 8k
+                _speedup(ax, n, points[n][0], points[n][1], colour, dy=dy)
     _length_axis(ax, lengths)
     _log_times(ax, "ms per training step (lower is faster)")
     ax.legend(fontsize=7, loc="upper left")
