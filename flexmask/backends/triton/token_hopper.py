@@ -94,6 +94,24 @@ if gluon is not None:
         return gl.where(c < n_full, c, CAP - 1 - (c - n_full))
 
     @gluon.jit
+    def _stages(dtype: gl.constexpr, D: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr):
+        """The ring of shared-memory stages the producer fills and the consumers read: per stage a
+        chunk's ``K`` and ``V`` rows, list entries, interval ends and biases, and its two mbarriers."""
+        rows_s: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, D], dtype)
+        keys_s: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+        kb = gl.allocate_shared_memory(dtype, [STAGES, BN, D], rows_s)
+        vb = gl.allocate_shared_memory(dtype, [STAGES, BN, D], rows_s)
+        jb = gl.allocate_shared_memory(gl.int32, [STAGES, BN], keys_s)
+        eb = gl.allocate_shared_memory(gl.int32, [STAGES, BN], keys_s)
+        tb = gl.allocate_shared_memory(gl.float32, [STAGES, BN], keys_s)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(ready.index(s), count=128)  # each producer thread's copies arrive (no increment)
+            mbarrier.init(free.index(s), count=2)  # both consumers release the stage
+        return kb, vb, jb, eb, tb, ready, free
+
+    @gluon.jit
     def _producer(
         K, V, T, E, LIST, CNT, N, CAP, NQB, kb, vb, jb, eb, tb, ready, free,
         HQ: gl.constexpr, G: gl.constexpr, HS_DIV: gl.constexpr, T_HEADS_DIV: gl.constexpr, T_BATCH: gl.constexpr,
@@ -187,18 +205,7 @@ if gluon is not None:
     ):  # fmt: skip
         """Grid ``(query blocks, B · Hq / 2)`` (one program a pair of query heads), 4 warps (the first
         consumer) plus two 4-warp workers."""
-        rows_s: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, D], K.dtype.element_ty)
-        keys_s: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
-        kb = gl.allocate_shared_memory(K.dtype.element_ty, [STAGES, BN, D], rows_s)
-        vb = gl.allocate_shared_memory(K.dtype.element_ty, [STAGES, BN, D], rows_s)
-        jb = gl.allocate_shared_memory(gl.int32, [STAGES, BN], keys_s)
-        eb = gl.allocate_shared_memory(gl.int32, [STAGES, BN], keys_s)
-        tb = gl.allocate_shared_memory(gl.float32, [STAGES, BN], keys_s)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for s in gl.static_range(STAGES):
-            mbarrier.init(ready.index(s), count=128)  # each producer thread's copies arrive (no increment)
-            mbarrier.init(free.index(s), count=2)  # both consumers release the stage
+        kb, vb, jb, eb, tb, ready, free = _stages(K.dtype.element_ty, D, BN, STAGES)
         gl.warp_specialize(
             [
                 (_consumer, (Q, O, LSE, CNT, qk_scale, N, CAP, NQB, kb, vb, jb, eb, tb, ready, free,
@@ -311,24 +318,13 @@ if gluon is not None:
     ):  # fmt: skip
         """Grid ``(query blocks, B · Hq / 2)``: the forward's producer and two backward consumers."""
         dtype: gl.constexpr = K.dtype.element_ty
-        rows_s: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, D], dtype)
-        keys_s: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
-        kb = gl.allocate_shared_memory(dtype, [STAGES, BN, D], rows_s)
-        vb = gl.allocate_shared_memory(dtype, [STAGES, BN, D], rows_s)
-        jb = gl.allocate_shared_memory(gl.int32, [STAGES, BN], keys_s)
-        eb = gl.allocate_shared_memory(gl.int32, [STAGES, BN], keys_s)
-        tb = gl.allocate_shared_memory(gl.float32, [STAGES, BN], keys_s)
+        kb, vb, jb, eb, tb, ready, free = _stages(dtype, D, BN, STAGES)
         q_s = gl.allocate_shared_memory(dtype, [2, BM, D], gl.NVMMASharedLayout.get_default_for([BM, D], dtype))
         do_s = gl.allocate_shared_memory(dtype, [2, BM, D], gl.NVMMASharedLayout.get_default_for([BM, D], dtype))
         p_s = gl.allocate_shared_memory(dtype, [4, BM, BN], gl.NVMMASharedLayout.get_default_for([BM, BN], dtype))
         ds_s = gl.allocate_shared_memory(dtype, [4, BM, BN], gl.NVMMASharedLayout.get_default_for([BM, BN], dtype))
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         pds_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         pds_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for s in gl.static_range(STAGES):
-            mbarrier.init(ready.index(s), count=128)
-            mbarrier.init(free.index(s), count=2)
         for u in gl.static_range(2):
             mbarrier.init(pds_full.index(u), count=2)  # both heads' halves written
             mbarrier.init(pds_free.index(u), count=2)  # both cross products done
