@@ -21,8 +21,9 @@ chunk) are added atomically into float32 buffers.
 On Hopper the forward and the backward are :mod:`.token_hopper`'s warp-specialised Gluon kernels
 for the calls they support (:func:`.token_hopper.supported`), with the same lists and results.
 
-The kernels run as two custom ops (``flexmask::token_gather_fwd`` / ``_bwd``), which
-``torch.compile`` treats as opaque calls.
+Under ``torch.compile`` the kernels run as two custom ops (``flexmask::token_gather_fwd`` /
+``_bwd``), which it treats as opaque calls; eagerly, as a plain autograd function over the same two
+bodies (the ops' dispatch cost more host time per call than the launches).
 """
 
 from __future__ import annotations
@@ -373,6 +374,35 @@ def triton_backward(
     )  # fmt: skip
 
 
+def _forward_impl(q, k, v, t, ends, keep: int, scale: float, block_m: int, block_n: int):
+    """``(out, lse, lists, counts)``: the attention, its natural-log logsumexp ``[B, Hq, N]`` and
+    the kept-key lists the backward reuses."""
+    lists, counts = _build_lists(ends, keep, block_m)
+    o = torch.empty_like(q)
+    lse = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
+    heads = _launch_args(q, k, ends, t)
+    if token_hopper.supported(q, k, v, heads, block_m, block_n):
+        token_hopper.forward(q, k, v, t, ends, lists, counts, o, lse, scale, heads, block_n)
+    else:
+        triton_forward(q, k, v, t, ends, lists, counts, o, lse, scale, heads, block_m, block_n)
+    return o, lse, lists, counts
+
+
+def _backward_impl(q, k, v, t, ends, lists, counts, o, lse, do, scale: float, block_m: int, block_n: int, t_grad: bool):
+    """``(dq, dk, dv, dt)``; ``dt`` float32 like ``t`` (empty without ``t_grad``)."""
+    do, o = do.contiguous(), o.contiguous()
+    dq = torch.empty_like(q)
+    dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
+    dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
+    dt = torch.zeros(t.shape if t_grad else (0,), device=q.device, dtype=torch.float32)
+    heads = _launch_args(q, k, ends, t)
+    if token_hopper.supported(q, k, v, heads, block_m, block_n, backward=True):
+        token_hopper.backward(q, k, v, t, ends, lists, counts, o, do, lse, dq, dk, dv, dt, scale, heads)
+    else:
+        triton_backward(q, k, v, t, ends, lists, counts, o, do, lse, dq, dk, dv, dt, scale, heads, block_m, block_n)
+    return dq, dk.to(k.dtype), dv.to(v.dtype), dt
+
+
 # Custom ops: opaque to torch.compile (dynamo does not trace into the launches, so it needs no
 # mutation analysis of the kernels' pointer arguments), with fake implementations for tracing.
 @torch.library.custom_op("flexmask::token_gather_fwd", mutates_args=())
@@ -387,17 +417,8 @@ def _forward(
     block_m: int,
     block_n: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(out, lse, lists, counts)``: the attention, its natural-log logsumexp ``[B, Hq, N]`` and
-    the kept-key lists the backward reuses."""
-    lists, counts = _build_lists(ends, keep, block_m)
-    o = torch.empty_like(q)
-    lse = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
-    heads = _launch_args(q, k, ends, t)
-    if token_hopper.supported(q, k, v, heads, block_m, block_n):
-        token_hopper.forward(q, k, v, t, ends, lists, counts, o, lse, scale, heads, block_n)
-    else:
-        triton_forward(q, k, v, t, ends, lists, counts, o, lse, scale, heads, block_m, block_n)
-    return o, lse, lists, counts
+    """:func:`_forward_impl` as an op."""
+    return _forward_impl(q, k, v, t, ends, keep, scale, block_m, block_n)
 
 
 @_forward.register_fake
@@ -424,18 +445,8 @@ def _backward(
     block_n: int,
     t_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv, dt)``; ``dt`` float32 like ``t`` (empty without ``t_grad``)."""
-    do, o = do.contiguous(), o.contiguous()
-    dq = torch.empty_like(q)
-    dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
-    dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
-    dt = torch.zeros(t.shape if t_grad else (0,), device=q.device, dtype=torch.float32)
-    heads = _launch_args(q, k, ends, t)
-    if token_hopper.supported(q, k, v, heads, block_m, block_n, backward=True):
-        token_hopper.backward(q, k, v, t, ends, lists, counts, o, do, lse, dq, dk, dv, dt, scale, heads)
-    else:
-        triton_backward(q, k, v, t, ends, lists, counts, o, do, lse, dq, dk, dv, dt, scale, heads, block_m, block_n)
-    return dq, dk.to(k.dtype), dv.to(v.dtype), dt
+    """:func:`_backward_impl` as an op."""
+    return _backward_impl(q, k, v, t, ends, lists, counts, o, lse, do, scale, block_m, block_n, t_grad)
 
 
 @_backward.register_fake
@@ -451,14 +462,37 @@ def _setup_context(ctx, inputs, output):
     ctx.scale, ctx.blocks = scale, (block_m, block_n)
 
 
-def _backward_rule(ctx, do, _dlse, _dlists, _dcounts):
+def _gradients(ctx, do: torch.Tensor, backward) -> tuple:
+    """The inputs' gradients from what :func:`_setup_context` saved, by ``backward`` (the op or its body)."""
     q, k, v, t, ends, lists, counts, o, lse = ctx.saved_tensors
     t_grad = t is not None and ctx.needs_input_grad[3]
-    dq, dk, dv, dt = _backward(q, k, v, t, ends, lists, counts, o, lse, do, ctx.scale, *ctx.blocks, t_grad)
+    dq, dk, dv, dt = backward(q, k, v, t, ends, lists, counts, o, lse, do, ctx.scale, *ctx.blocks, t_grad)
     return dq, dk, dv, dt.to(t.dtype) if t_grad else None, None, None, None, None, None
 
 
+def _backward_rule(ctx, do, _dlse, _dlists, _dcounts):
+    return _gradients(ctx, do, _backward)
+
+
 _forward.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+class _Eager(torch.autograd.Function):
+    """The two ops' bodies as a plain autograd function, for calls outside ``torch.compile``: the
+    same kernels without the ops' dispatch, which costs more host time per call than the kernels'
+    launches (a fwd+bwd at the paper configuration: see ``docs/benchmarks.md``)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _forward_impl(*inputs)
+        _setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(*output[1:])
+        return output
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do, _dlse, _dlists, _dcounts):
+        return _gradients(ctx, do, _backward_impl)
 
 
 def token_gather_attention(
@@ -494,4 +528,5 @@ def token_gather_attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     q, k, v, ends = (x.contiguous() for x in (q, k, v, ends))
     t = None if bias is None else bias.contiguous()
-    return _forward(q, k, v, t, ends, keep, scale, block_m, block_n)[0]
+    op = _forward if torch.compiler.is_compiling() else _Eager.apply
+    return op(q, k, v, t, ends, keep, scale, block_m, block_n)[0]
