@@ -35,13 +35,16 @@ class Options(TypedDict, total=False):
         backend: ``"flex"`` (compiled FlexAttention), ``"reference"`` (exact chunked PyTorch, trains on
             CPU) or ``"auto"`` (flex on CUDA, reference elsewhere). Default ``"auto"``.
         token_layout: run a lone ``fm.topk`` mask (with at most an ``fm.key_bias`` of its scores)
-            through the key layout that lets FlexAttention skip unselected keys. Default ``True``.
+            through the key layout that lets FlexAttention skip unselected keys, or through the
+            in-place kernels of ``token_kernel``; on Hopper GPUs, also a lone ``fm.topk_blocks``
+            (self-attention, no ``among``) through those kernels, as the same interval rule.
+            Default ``True``.
         token_kernel: with ``token_layout``, on CUDA: ``"gather"`` (Triton kernels that read each
             query block's kept keys in place; float16/bfloat16, ``q``/``k``/``v`` head dims equal and
             a power of two; on Hopper GPUs, for GQA groups whose head pairs share their selection and
             bias and head dims 64 or 128, warp-specialised Gluon kernels), ``"flex"`` (FlexAttention
-            over the key layout), or ``"auto"`` (``"gather"`` where it applies and the head dim is at
-            most 128, else ``"flex"``).
+            over the key layout; ``fm.topk_blocks`` over its BlockMask), or ``"auto"``
+            (``"gather"`` where it applies and the head dim is at most 128, else ``"flex"``).
             Default ``"auto"``.
         gather_decode: for one decoding query (``q_len == 1``) under a content mask (``fm.topk``,
             ``fm.topk_blocks``, or an ``&`` with one), attend to the few keys its selection may keep,

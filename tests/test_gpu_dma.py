@@ -24,8 +24,24 @@ def interval_keep(scores: torch.Tensor, k: int) -> torch.Tensor:
     return keep
 
 
-@pytest.mark.parametrize("content", ["token", "block"])
-def test_dma_bf16_matches_float64(content):
+def plan_kind(q, k, v, mask, bias, **options) -> str:
+    """The plan ``fm.attention(q, k, v, mask=mask, bias=bias, options=options)`` runs."""
+    from flexmask import backends
+    from flexmask.lowering.planner import lower
+    from flexmask.settings import Resolved
+
+    from ._lowering import Layout
+
+    layout = Layout(q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device, k.shape[1])
+    opts = backends.choose_kernels(Resolved().merged(options), q, v)
+    return lower(mask, bias, layout=layout, options=opts, scale=1.0, softcap=None).kind
+
+
+@pytest.mark.parametrize("content, token_kernel", [("token", "auto"), ("block", "auto"), ("block", "flex")])
+def test_dma_bf16_matches_float64(content, token_kernel):
+    """Token and block top-k with a key bias through their default kernels; block top-k also
+    through its BlockMask (flex, and the fused backward), which Hopper GPUs leave for the in-place
+    token kernels."""
     torch.manual_seed(0)
     B, Hq, Hkv, n, D, w = 1, 4, 2, 1000, 64, 256
     dev = "cuda"
@@ -37,7 +53,11 @@ def test_dma_bf16_matches_float64(content):
         mask, keep = fm.topk(s, w), interval_keep(s.detach(), w)
     else:
         mask, keep = fm.topk_blocks(s, 2), brute_topk_blocks(s.detach().cpu(), 2, 128).to(dev)
-    out = fm.attention(q, k, v, mask=mask, bias=fm.key_bias(s))
+    options = {"token_kernel": token_kernel}
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    expected = "token_gather" if content == "token" or (hopper and token_kernel == "auto") else "key_bias"
+    assert plan_kind(q, k, v, mask, fm.key_bias(s), **options) == expected
+    out = fm.attention(q, k, v, mask=mask, bias=fm.key_bias(s), options=options)
     ref = dense_attention(q, k, v, heads_to(keep, Hq), heads_to(s, Hq))
     assert rel_err(out, ref) < 1e-2
     g = torch.randn_like(out)

@@ -24,7 +24,7 @@ from ..lowering import decode, selection
 from ..lowering.blocks import block_mask_from_tensors
 from ..lowering.decode import Gathered
 from ..lowering.dense import classify_densely
-from ..lowering.layout import BLOCK, Layout, Lowering, Offers, cdiv, local_mask_mod
+from ..lowering.layout import BLOCK, Layout, Lowering, Offers, cdiv, hopper, local_mask_mod
 from ..lowering.token_layout import TokenLayout, token_layout
 from ._checks import positive_int, real_tensor
 from .masks import And, Causal, Document, KeyMask, Mask, Padding
@@ -277,6 +277,10 @@ class TopK(_ContentMask):
         """(Offers.TOKEN_LAYOUT) its key layout for ``low.layout`` (self-attention, KV heads known)."""
         return token_layout(self.scores, self.k, low.layout, graphed)
 
+    def _token_keep(self) -> int:
+        """(Offers.TOKEN_ENDS) the most keys one query keeps."""
+        return self.k
+
     def _token_ends(self, low: Lowering) -> torch.Tensor:
         """(Offers.TOKEN_ENDS) ends ``e`` ``[B, Hs, KV]`` int32 with which the whole mask is
         ``j <= i < e[j]``: :meth:`interval_ends` with ``among`` folded in (a key's run of queries
@@ -341,9 +345,31 @@ class TopKBlocks(_ContentMask):
         self._check_shapes(layout, n, f"kv_len={layout.kv_len} or {nb}")
 
     def _offers(self, low):
+        # its interval ends are offered where the in-place token kernels were measured faster than
+        # its BlockMask path (flex, and the fused backward eagerly): Hopper, where they are Gluon kernels
+        ends = Offers.TOKEN_ENDS if self.among is None and hopper(low.layout.device) else Offers.NONE
         if self.among is not None or self.block_size != BLOCK or not low.layout.starts_on_block:
-            return Offers.GATHER_DECODE
-        return Offers.CAUSAL_PARTIAL_BLOCKS | Offers.GRAPHED_BUILD | Offers.GATHER_DECODE
+            return Offers.GATHER_DECODE | ends
+        return Offers.CAUSAL_PARTIAL_BLOCKS | Offers.GRAPHED_BUILD | Offers.GATHER_DECODE | ends
+
+    def _token_scores_shape(self) -> torch.Size:
+        """(Offers.TOKEN_ENDS) the shape of its scores (a key bias must match it)."""
+        return self.scores.shape
+
+    def _token_keep(self) -> int:
+        """(Offers.TOKEN_ENDS) the most keys one query keeps: ``k`` past blocks and its own."""
+        return (self.k + 1) * self.block_size
+
+    def _token_ends(self, low: Lowering) -> torch.Tensor:
+        """(Offers.TOKEN_ENDS, no ``among``, self-attention) ends ``e`` ``[B, Hs, KV]`` int32 with
+        which the mask is ``j <= i < e[j]`` (:func:`flexmask.lowering.selection.topk_blocks_ends`);
+        on CUDA with option ``graphed_build``, built by a CUDA-graph replay."""
+        layout = low.layout
+        scores = self.scores.detach().to(layout.device)
+        key = (self.k, self.block_size, layout)
+        if low.options.graphed_build and layout.device.type == "cuda":
+            return selection.graphed_topk_blocks_ends(scores, key=key)[0]
+        return selection._topk_blocks_ends_build(scores, key)[0]
 
     def _graphed_build_fits(self, layout: Layout) -> bool:
         """(Offers.GRAPHED_BUILD) whether a graph for ``layout`` stays within its memory budget."""

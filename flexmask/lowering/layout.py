@@ -64,6 +64,11 @@ class Layout:
         return not self.offset_is_tensor and self.offset + self.q_len == self.kv_len
 
 
+def hopper(device: torch.device) -> bool:
+    """Whether ``device`` is an sm_90 GPU (H100, H200), where the Gluon token kernels run."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+
+
 class Offers:
     """What a mask's lowering offers the planner, beyond a ``mask_mod`` and block maps: bit flags,
     combined with ``|`` and tested with ``&``.
@@ -85,7 +90,7 @@ class Offers:
     GATHER_DECODE = 8
     #: The whole mask (its ``among`` included) is the interval rule ``j <= i < e_j`` of one end per
     #: key (``_token_ends``): what the in-place token kernels read (``fm.topk``, also among
-    #: documents and padding).
+    #: documents and padding; ``fm.topk_blocks`` on Hopper, where those kernels beat its BlockMask).
     TOKEN_ENDS = 16
 
 

@@ -8,8 +8,9 @@ chooses:
   options ask for the reference (option ``gather_decode``);
 * ``reference`` when the options say so (``backend="reference"``, or ``"auto"`` off CUDA);
 * ``token_gather`` (on CUDA, option ``token_kernel``) or ``token_layout`` for a lone ``fm.topk``
-  (``token_gather`` also among documents and padding), self-attention, no softcap, and at most a
-  per-key bias shaped like its scores (option ``token_layout``);
+  (``token_gather`` also among documents and padding, and for a lone ``fm.topk_blocks`` on Hopper),
+  self-attention, no softcap, and at most a per-key bias shaped like its scores (option
+  ``token_layout``);
 * ``key_bias`` for a lone per-key bias that needs a gradient on CUDA, eagerly (option ``key_bias_grad``);
 * ``flex`` otherwise.
 
@@ -74,7 +75,7 @@ def lower(mask: Any, bias: Any, *, layout: Layout, options: Resolved, scale: flo
         ):
             if options.token_kernel == "gather" and layout.device.type == "cuda" and offers & Offers.TOKEN_ENDS:
                 ends = lowered((mask,), ("token_ends", layout), lambda: mask._token_ends(low), enabled=options.cache)
-                return Plan("token_gather", token_ends=(ends, mask.k), key_bias=t, **common)
+                return Plan("token_gather", token_ends=(ends, mask._token_keep()), key_bias=t, **common)
             if offers & Offers.TOKEN_LAYOUT:
                 graphed = options.graphed_build and layout.device.type == "cuda"
                 token = lowered(

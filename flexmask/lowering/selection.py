@@ -174,6 +174,34 @@ def _topk_blocks_build(scores: torch.Tensor, key: tuple) -> tuple[torch.Tensor, 
 graphed_topk_blocks = CudaGraphed(_topk_blocks_build)
 """``graphed_topk_blocks(scores, key=(k, block_size, layout))``: :func:`_topk_blocks_build` from a CUDA graph."""
 
+
+def topk_blocks_ends(sel: torch.Tensor, block_size: int, n: int) -> torch.Tensor:
+    """Interval ends ``e`` ``[B, Hs, n]`` int32 of a block selection ``sel`` (:func:`block_selection`,
+    self-attention): query ``i`` keeps key ``j`` iff ``j <= i < e[j]``, the rule of :func:`topk_ends`.
+
+    A query block's threshold (the ``k``-th best rank before it) can only fall as blocks are added,
+    so the query blocks that keep a past block ``u`` (``rank[u] <= threshold[t]``, ``t > u``) are one
+    run from ``u + 1``, ending at the first ``t`` whose threshold drops below ``rank[u]``; block ``u``
+    itself keeps its own keys causally. Each key of block ``u`` ends where that run ends."""
+    rank, threshold = sel[0], sel[1]  # [B, Hs, nb]
+    b, hs, nb = rank.shape
+    # thresholds do not increase along t: their negatives are sorted, and the run is those >= rank[u]
+    run_end = torch.searchsorted(-threshold.reshape(b * hs, nb), -rank.reshape(b * hs, nb), right=True)
+    own = torch.arange(1, nb + 1, device=rank.device)
+    ends = (torch.maximum(run_end, own) * block_size).clamp(max=n)
+    return ends.repeat_interleave(block_size, -1)[:, :n].reshape(b, hs, n).to(torch.int32)
+
+
+def _topk_blocks_ends_build(scores: torch.Tensor, key: tuple) -> tuple[torch.Tensor]:
+    """:func:`topk_blocks_ends` of ``topk_blocks(scores, k, block_size)`` over ``layout`` (no ``among``)."""
+    k, block_size, layout = key
+    return (topk_blocks_ends(block_selection(scores, k, block_size, layout), block_size, layout.kv_len),)
+
+
+graphed_topk_blocks_ends = CudaGraphed(_topk_blocks_ends_build)
+"""``graphed_topk_blocks_ends(scores, key=(k, block_size, layout))``: :func:`_topk_blocks_ends_build`
+from a CUDA graph."""
+
 GRAPHED_BLOCKS_LIMIT = 1 << 22
 """Largest ``batch × heads × query blocks × key blocks`` built from a CUDA graph (16 heads at 64k
 self-attention: a pool of ~0.3 GB)."""
