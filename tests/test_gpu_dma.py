@@ -160,10 +160,26 @@ def test_graphed_topk_blocks_build_matches_eager_and_results_never_alias():
                 v,
                 mask=fm.topk_blocks(s2, 3),
                 bias=fm.key_bias(s2),
-                options={"graphed_build": graphed_build, "cache": False},
+                options={"graphed_build": graphed_build, "cache": False, "token_kernel": "flex"},
             )
         )
     assert torch.equal(outs[0], outs[1])
+
+
+def test_graphed_topk_blocks_ends_match_eager_and_results_never_alias():
+    """Block top-k's interval ends (its route to the token kernels on Hopper) replayed from a CUDA
+    graph equal the eager build; a first result survives a second replay."""
+    from flexmask.lowering import selection
+
+    from ._lowering import Layout
+
+    key = (3, 128, Layout(2, 4, 1000, 1000, torch.device("cuda"), 2))
+    results = []
+    for seed in (0, 1):
+        s = torch.randn(2, 2, 1000, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+        results.append((s, selection.graphed_topk_blocks_ends(s, key=key)[0]))
+    for s, ends in results:
+        assert torch.equal(ends, selection._topk_blocks_ends_build(s, key)[0])
 
 
 @pytest.mark.parametrize("kernel", ["flex", "gather"])  # the key layout's build, or the interval ends'
@@ -228,7 +244,7 @@ def test_query_side_key_mass_matches_float64_and_the_transposed_pass():
             *ins[:3],
             mask=fm.topk_blocks(ins[3].detach(), 3),
             bias=fm.key_bias(ins[3]),
-            options={"key_bias_grad": choice},
+            options={"key_bias_grad": choice, "token_kernel": "flex"},  # its BlockMask, also on Hopper
         )
         grads.append(torch.autograd.grad(out, ins, g))
     for a, b in zip(*grads, strict=True):
@@ -271,6 +287,7 @@ def test_fused_backward_matches_float64(monkeypatch, split):
     gradient vs float64 autograd, GQA, a bias shared over the batch; with each key block's list in
     one program, and split over programs of one entry (float32 atomics)."""
     options = {"key_bias_grad": "fused", "split_below": 10**6 if split else 0, "split_chunk": 1 if split else 16}
+    options["token_kernel"] = "flex"  # block top-k over its BlockMask (Hopper would take the token kernels)
     B, Hq, Hkv, n, D = 2, 4, 2, 1000, 64
     q, k, v, s = bf16_inputs(9, B, Hq, Hkv, n, n, D, score_batch=1)
     calls = spy_on_fused_backward(monkeypatch)
