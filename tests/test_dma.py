@@ -464,23 +464,30 @@ def test_topk_blocks_graphed_build_at_an_offset_keeps_call_local_positions():
 
 
 @pytest.mark.parametrize(
-    "B, Hs, n, k, bs, per_block",
-    [(2, 2, 300, 2, 16, False), (1, 3, 77, 1, 8, False), (2, 1, 129, 3, 32, True), (1, 2, 200, 20, 16, False)],
+    "B, Hs, n, k, bs, per_block, shared",
+    [
+        (2, 2, 300, 2, 16, False, False),
+        (1, 3, 77, 1, 8, False, False),
+        (2, 1, 129, 3, 32, True, False),
+        (1, 2, 200, 20, 16, False, False),
+        (3, 2, 150, 2, 16, False, True),
+    ],
 )
-def test_topk_blocks_interval_ends_are_the_mask(B, Hs, n, k, bs, per_block):
+def test_topk_blocks_interval_ends_are_the_mask(B, Hs, n, k, bs, per_block, shared):
     """``fm.topk_blocks``'s interval ends (what the in-place token kernels read for it on Hopper): the
     rule ``j <= i < e_j`` is the mask, against a block-by-block brute force, with ties and a last
-    partial block; and the kernels' list bound (``_token_keep`` keys per query) holds."""
+    partial block, scores shared by the batch (``shared``); and the kernels' list bound
+    (``_token_keep`` keys per query) holds."""
     from ._lowering import Layout, lowering
 
     g = torch.Generator().manual_seed(n + k)
-    s = torch.randint(0, 4, (B, Hs, -(-n // bs) if per_block else n), generator=g).float()  # ties
+    s = torch.randint(0, 4, (1 if shared else B, Hs, -(-n // bs) if per_block else n), generator=g).float()  # ties
     mask = fm.topk_blocks(s, k, block_size=bs)
     ends = mask._token_ends(lowering(Layout(B, 2 * Hs, n, n, torch.device("cpu"), Hs)))
     assert ends.shape == (B, Hs, n) and ends.dtype == torch.int32
     i = torch.arange(n)
     rule = (i[None, :] <= i[:, None]) & (i[:, None] < ends[:, :, None, :])  # [B, Hs, queries, keys]
-    per_key = s.repeat_interleave(bs, -1)[..., :n] if per_block else s
+    per_key = (s.repeat_interleave(bs, -1)[..., :n] if per_block else s).expand(B, -1, -1)
     assert torch.equal(rule, brute_topk_blocks(per_key, k, bs))
     assert torch.equal(rule, mask.to_dense(n, n, batch=B, heads=Hs))
     assert int(rule.sum(-1).max()) <= mask._token_keep()

@@ -363,13 +363,13 @@ class TopKBlocks(_ContentMask):
     def _token_ends(self, low: Lowering) -> torch.Tensor:
         """(Offers.TOKEN_ENDS, no ``among``, self-attention) ends ``e`` ``[B, Hs, KV]`` int32 with
         which the mask is ``j <= i < e[j]`` (:func:`flexmask.lowering.selection.topk_blocks_ends`);
-        on CUDA with option ``graphed_build``, built by a CUDA-graph replay."""
+        on CUDA with option ``graphed_build``, built by a CUDA-graph replay (within the graphs'
+        memory budget, as its BlockMask's)."""
         layout = low.layout
-        scores = self.scores.detach().to(layout.device)
-        key = (self.k, self.block_size, layout)
-        if low.options.graphed_build and layout.device.type == "cuda":
-            return selection.graphed_topk_blocks_ends(scores, key=key)[0]
-        return selection._topk_blocks_ends_build(scores, key)[0]
+        if low.options.graphed_build and layout.device.type == "cuda" and self._graphed_build_fits(layout):
+            scores = self.scores.detach().to(layout.device)
+            return selection.graphed_topk_blocks_ends(scores, key=(self.k, self.block_size, layout))[0]
+        return selection.topk_blocks_ends(self.block_selection(low), self.block_size, layout.kv_len)
 
     def _graphed_build_fits(self, layout: Layout) -> bool:
         """(Offers.GRAPHED_BUILD) whether a graph for ``layout`` stays within its memory budget."""
