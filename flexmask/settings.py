@@ -37,7 +37,8 @@ class Options(TypedDict, total=False):
         token_layout: run a lone ``fm.topk`` mask (with at most an ``fm.key_bias`` of its scores)
             through the key layout that lets FlexAttention skip unselected keys, or through the
             in-place kernels of ``token_kernel``; on Hopper GPUs, also a lone ``fm.topk_blocks``
-            (self-attention, no ``among``) through those kernels, as the same interval rule.
+            (self-attention; also among documents and padding) through those kernels, as the
+            same interval rule.
             Default ``True``.
         token_kernel: with ``token_layout``, on CUDA: ``"gather"`` (Triton kernels that read each
             query block's kept keys in place; float16/bfloat16, ``q``/``k``/``v`` head dims equal and

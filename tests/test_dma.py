@@ -491,3 +491,25 @@ def test_topk_blocks_interval_ends_are_the_mask(B, Hs, n, k, bs, per_block, shar
     assert torch.equal(rule, brute_topk_blocks(per_key, k, bs))
     assert torch.equal(rule, mask.to_dense(n, n, batch=B, heads=Hs))
     assert int(rule.sum(-1).max()) <= mask._token_keep()
+
+
+@pytest.mark.parametrize("among", ["padding", "document", "key_mask", "document&padding"])
+def test_topk_blocks_interval_ends_among_are_the_mask(among):
+    """With ``among`` (padding, packed documents, a key mask; documents restrict the result, not the
+    ranking) the folded interval ends are still the whole mask, against ``to_dense``."""
+    from ._lowering import Layout, lowering
+
+    g = torch.Generator().manual_seed(len(among))
+    B, Hs, n, k, bs = 2, 2, 203, 3, 16
+    s = torch.randint(0, 4, (B, Hs, n), generator=g).float()
+    lengths = torch.tensor([203, 150])
+    ids = torch.cat([torch.zeros(B, 70), torch.ones(B, 90), torch.full((B, n - 160), 2.0)], -1).long()
+    valid = torch.rand(B, n, generator=g) > 0.3
+    parts = {"padding": fm.padding(lengths), "document": fm.document(ids), "key_mask": fm.key_mask(valid)}
+    masks = [parts[name] for name in among.split("&")]
+    mask = fm.topk_blocks(s, k, block_size=bs, among=masks[0] if len(masks) == 1 else masks[0] & masks[1])
+    ends = mask._token_ends(lowering(Layout(B, 2 * Hs, n, n, torch.device("cpu"), Hs)))
+    i = torch.arange(n)
+    rule = (i[None, :] <= i[:, None]) & (i[:, None] < ends[:, :, None, :])
+    assert torch.equal(rule, mask.to_dense(n, n, batch=B, heads=Hs))
+    assert int(rule.sum(-1).max()) <= mask._token_keep()

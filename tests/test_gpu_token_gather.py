@@ -75,12 +75,13 @@ def test_token_gather_under_torch_compile_matches_eager_and_new_scores_do_not_re
     assert graphs[0] >= 1 and graphs[1:] == [graphs[0]] * 2, graphs
 
 
+@pytest.mark.parametrize("selection", ["token", "block"])
 @pytest.mark.parametrize("keys", ["lengths", "key_mask"])
-def test_token_gather_among_documents_and_padding_matches_float64_on_gpu(keys, monkeypatch):
-    """``fm.topk(s, w, among=document & padding)`` takes the in-place kernel (its ends fold the
-    documents and the padding in): output and every gradient against float64 over the mask's dense
-    truth (packed documents, GQA, batch 2; padding as lengths, or a key mask with left padding and
-    holes, as ``fm.hf`` builds for padded batches)."""
+def test_token_gather_among_documents_and_padding_matches_float64_on_gpu(keys, selection, monkeypatch):
+    """``fm.topk(s, w, among=document & padding)`` (and on Hopper ``fm.topk_blocks``) takes the
+    in-place kernel (its ends fold the documents and the padding in): output and every gradient
+    against float64 over the mask's dense truth (packed documents, GQA, batch 2; padding as lengths,
+    or a key mask with left padding and holes, as ``fm.hf`` builds for padded batches)."""
     from flexmask.backends import token_gather
 
     from ._reference import ref_attention
@@ -99,9 +100,10 @@ def test_token_gather_among_documents_and_padding_matches_float64_on_gpu(keys, m
         valid = torch.rand(B, N, generator=g) < 0.9
         valid[1, :150] = False
         padding = fm.key_mask(valid.cuda())
-    mask = fm.topk(s, w, among=fm.document(ids) & padding)
+    among = fm.document(ids) & padding
+    mask = fm.topk(s, w, among=among) if selection == "token" else fm.topk_blocks(s, 2, among=among)
     out = fm.attention(q, k, v, mask=mask, bias=fm.key_bias(s), options={"cache": False})
-    assert calls
+    assert bool(calls) == (selection == "token" or torch.cuda.get_device_capability() == (9, 0))
     keep = mask.to_dense(N, N, batch=B, heads=Hkv).repeat_interleave(Hq // Hkv, 1).cpu()
     qd, kd, vd, sd = (x.detach().double().cpu().requires_grad_() for x in (q, k, v, s))
     bias = sd.repeat_interleave(Hq // Hkv, 1)[:, :, None, :]

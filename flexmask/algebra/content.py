@@ -347,7 +347,7 @@ class TopKBlocks(_ContentMask):
     def _offers(self, low):
         # its interval ends are offered where the in-place token kernels were measured faster than
         # its BlockMask path (flex, and the fused backward eagerly): Hopper, where they are Gluon kernels
-        ends = Offers.TOKEN_ENDS if self.among is None and hopper(low.layout.device) else Offers.NONE
+        ends = Offers.TOKEN_ENDS if hopper(low.layout.device) else Offers.NONE
         if self.among is not None or self.block_size != BLOCK or not low.layout.starts_on_block:
             return Offers.GATHER_DECODE | ends
         return Offers.CAUSAL_PARTIAL_BLOCKS | Offers.GRAPHED_BUILD | Offers.GATHER_DECODE | ends
@@ -361,11 +361,15 @@ class TopKBlocks(_ContentMask):
         return (self.k + 1) * self.block_size
 
     def _token_ends(self, low: Lowering) -> torch.Tensor:
-        """(Offers.TOKEN_ENDS, no ``among``, self-attention) ends ``e`` ``[B, Hs, KV]`` int32 with
-        which the mask is ``j <= i < e[j]`` (:func:`flexmask.lowering.selection.topk_blocks_ends`);
-        on CUDA with option ``graphed_build``, built by a CUDA-graph replay (within the graphs'
-        memory budget, as its BlockMask's)."""
+        """(Offers.TOKEN_ENDS, self-attention) ends ``e`` ``[B, Hs, KV]`` int32 with which the whole
+        mask is ``j <= i < e[j]`` (:func:`flexmask.lowering.selection.topk_blocks_ends`), ``among``
+        folded in (a key's run stops at its document's end; a padded or masked key keeps none).
+        Without ``among``, on CUDA with option ``graphed_build``, built by a CUDA-graph replay
+        (within the graphs' memory budget, as its BlockMask's)."""
         layout = low.layout
+        if self.among is not None:
+            ends = selection.topk_blocks_ends(self.block_selection(low), self.block_size, layout.kv_len)
+            return selection.fold_among(ends, self._ids, self._competing_in(low))
         if low.options.graphed_build and layout.device.type == "cuda" and self._graphed_build_fits(layout):
             scores = self.scores.detach().to(layout.device)
             return selection.graphed_topk_blocks_ends(scores, key=(self.k, self.block_size, layout))[0]
