@@ -63,6 +63,36 @@ def test_matches_float64(B, Hq, Hkv, Hs, N, w, bias):
         assert err < 10 * tol * (1 + b.abs().max().item()), (name, err)
 
 
+@interpreted
+@pytest.mark.parametrize("bs, block_m", [(16, 16), (8, 32), (32, 16)], ids=["equal", "shorter-blocks", "longer-blocks"])
+def test_block_selection_through_the_kernels_matches_float64(bs, block_m):
+    """``fm.topk_blocks`` through the kernels, as Hopper runs it: its interval ends, and lists bounded
+    by ``_token_keep`` (past blocks and its own) whether a query block is shorter than a selection
+    block, as long or longer; output and every gradient against float64 over a block-by-block brute
+    force."""
+    import flexmask as fm
+
+    from ._lowering import Layout, lowering
+    from ._reference import brute_topk_blocks
+
+    g = torch.Generator().manual_seed(bs + block_m)
+    B, Hq, Hkv, N, D, k = 2, 4, 2, 141, 16, 3
+    q = torch.randn(B, Hq, N, D, generator=g, requires_grad=True)
+    key, v = (torch.randn(B, Hkv, N, D, generator=g, requires_grad=True) for _ in range(2))
+    t = torch.randn(B, Hkv, N, generator=g, requires_grad=True)
+    mask = fm.topk_blocks(t.detach(), k, block_size=bs)
+    ends = mask._token_ends(lowering(Layout(B, Hq, N, N, torch.device("cpu"), Hkv)))
+    out = tg.token_gather_attention(q, key, v, ends, mask._token_keep(), bias=t, block_m=block_m, block_n=16)
+    keep = heads_to(brute_topk_blocks(t.detach(), k, bs), Hq)
+    ref = ref_attention(q, key, v, keep=keep, bias=heads_to(t, Hq)[:, :, None, :], scale=1 / math.sqrt(D))
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    go = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, key, v, t), go)
+    want = torch.autograd.grad(ref, (q, key, v, t), go.double())
+    for a, b, name in zip(got, want, "qkvt", strict=True):
+        assert (a.double() - b).abs().max().item() < 1e-4 * (1 + b.abs().max().item()), name
+
+
 def test_kept_lists_hold_each_blocks_keys_those_kept_by_all_its_queries_first():
     """The reference layout against the rule itself, query by query: a block's list holds the keys
     some query of it keeps, those kept by all of its queries in front (``counts[..., 0]``)."""
