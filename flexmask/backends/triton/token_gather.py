@@ -512,7 +512,8 @@ def token_gather_attention(
     Args:
         q: ``[B, Hq, N, D]``; k, v: ``[B, Hkv, N, D]`` (GQA: ``Hkv`` divides ``Hq``); D a power of two.
         ends: ``[B, Hs, N]`` int32 interval ends of the selection heads (``Hs`` divides ``Hq``).
-        keep: keys each query keeps at most (the top-k's ``k``): bounds the lists.
+        keep: keys one query keeps at most (``fm.topk``'s ``k``; ``fm.topk_blocks``' ``k`` past blocks
+            and its own, ``(k + 1) · block_size``): bounds the lists.
         bias: ``[B|1, Ht, N]`` per-key bias added to the scores (``Ht`` divides ``Hq``), or ``None``;
             it gets a gradient.
         scale: score scale (default ``1/sqrt(D)``).
