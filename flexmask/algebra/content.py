@@ -345,8 +345,8 @@ class TopKBlocks(_ContentMask):
         self._check_shapes(layout, n, f"kv_len={layout.kv_len} or {nb}")
 
     def _offers(self, low):
-        # its interval ends are offered where the in-place token kernels were measured faster than
-        # its BlockMask path (flex, and the fused backward eagerly): Hopper, where they are Gluon kernels
+        # its interval ends are offered where the in-place token kernels are Gluon kernels (Hopper): as
+        # fast as its BlockMask path eagerly (flex, the fused backward), faster compiled (flex's backward)
         ends = Offers.TOKEN_ENDS if hopper(low.layout.device) else Offers.NONE
         if self.among is not None or self.block_size != BLOCK or not low.layout.starts_on_block:
             return Offers.GATHER_DECODE | ends

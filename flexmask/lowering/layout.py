@@ -90,7 +90,7 @@ class Offers:
     GATHER_DECODE = 8
     #: The whole mask (its ``among`` included) is the interval rule ``j <= i < e_j`` of one end per
     #: key (``_token_ends``): what the in-place token kernels read (``fm.topk``, also among
-    #: documents and padding; ``fm.topk_blocks`` on Hopper, where those kernels beat its BlockMask).
+    #: documents and padding; ``fm.topk_blocks`` on Hopper, where those kernels are Gluon kernels).
     TOKEN_ENDS = 16
 
 
