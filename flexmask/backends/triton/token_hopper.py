@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from ...lowering.layout import hopper
+
 try:  # Gluon ships with Triton (3.6 with torch 2.11; compiles with 3.6 to 3.9); CPU-only installs have neither
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -56,8 +58,7 @@ def supported(
     64 or 128 keys forward, 64 backward (0: the kernel's own)."""
     return (
         gluon is not None
-        and q.is_cuda
-        and torch.cuda.get_device_capability(q.device) == (9, 0)
+        and hopper(q.device)
         and q.dtype in (torch.float16, torch.bfloat16)
         and heads["G"] % 2 == 0  # pairs of consecutive heads share a KV head,
         and heads["HS_DIV"] % 2 == 0  # a selection head
