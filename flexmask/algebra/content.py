@@ -108,6 +108,10 @@ class _ContentMask(Mask):
     def _cache_fields(self):
         return (self.scores, self.k, self.among, getattr(self, "block_size", None))
 
+    def _token_scores_shape(self) -> torch.Size:
+        """(Offers.TOKEN_LAYOUT, TOKEN_ENDS) the shape of its scores: a key bias must match it."""
+        return self.scores.shape
+
     def _children(self):
         return () if self.among is None else (self.among,)
 
@@ -269,10 +273,6 @@ class TopK(_ContentMask):
     def _offers(self, low):
         return Offers.GATHER_DECODE | Offers.TOKEN_ENDS | (Offers.TOKEN_LAYOUT if self.among is None else Offers.NONE)
 
-    def _token_scores_shape(self) -> torch.Size:
-        """(Offers.TOKEN_LAYOUT) the shape of the scores its layout is built from."""
-        return self.scores.shape
-
     def _token_layout(self, low: Lowering, graphed: bool) -> TokenLayout:
         """(Offers.TOKEN_LAYOUT) its key layout for ``low.layout`` (self-attention, KV heads known)."""
         return token_layout(self.scores, self.k, low.layout, graphed)
@@ -352,10 +352,6 @@ class TopKBlocks(_ContentMask):
             return Offers.GATHER_DECODE | ends
         return Offers.CAUSAL_PARTIAL_BLOCKS | Offers.GRAPHED_BUILD | Offers.GATHER_DECODE | ends
 
-    def _token_scores_shape(self) -> torch.Size:
-        """(Offers.TOKEN_ENDS) the shape of its scores (a key bias must match it)."""
-        return self.scores.shape
-
     def _token_keep(self) -> int:
         """(Offers.TOKEN_ENDS) the most keys one query keeps: ``k`` past blocks and its own."""
         return (self.k + 1) * self.block_size
@@ -367,13 +363,12 @@ class TopKBlocks(_ContentMask):
         Without ``among``, on CUDA with option ``graphed_build``, built by a CUDA-graph replay
         (within the graphs' memory budget, as its BlockMask's)."""
         layout = low.layout
-        if self.among is not None:
-            ends = selection.topk_blocks_ends(self.block_selection(low), self.block_size, layout.kv_len)
-            return selection.fold_among(ends, self._ids, self._competing_in(low))
-        if low.options.graphed_build and layout.device.type == "cuda" and self._graphed_build_fits(layout):
+        graphed = low.options.graphed_build and layout.device.type == "cuda" and self._graphed_build_fits(layout)
+        if self.among is None and graphed:
             scores = self.scores.detach().to(layout.device)
             return selection.graphed_topk_blocks_ends(scores, key=(self.k, self.block_size, layout))[0]
-        return selection.topk_blocks_ends(self.block_selection(low), self.block_size, layout.kv_len)
+        ends = selection.topk_blocks_ends(self.block_selection(low), self.block_size, layout.kv_len)
+        return ends if self.among is None else selection.fold_among(ends, self._ids, self._competing_in(low))
 
     def _graphed_build_fits(self, layout: Layout) -> bool:
         """(Offers.GRAPHED_BUILD) whether a graph for ``layout`` stays within its memory budget."""
