@@ -656,47 +656,53 @@ def test_gpu_bf16_dma_generate_with_a_static_cache(selection, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("selection", ["token", "block"])
 def test_gpu_dma_model_trains_through_the_in_place_kernel(selection, monkeypatch):
-    """A bf16 Llama converted with ``to_dma`` (no padding): its layers' ``causal() & topk`` (or
+    """A bf16 Llama converted with ``to_dma`` (no padding): its layer's ``causal() & topk`` (or
     ``topk_blocks``, on Hopper) plans as the selection alone and takes the in-place kernel
-    (``token_kernel="auto"``); the training step, eager and with each decoder layer compiled,
-    matches the flex path's (the key layout, or the BlockMask; loss and every gradient, bf16
-    tolerance)."""
+    (``token_kernel="auto"``); the training step, eager and with the decoder layer compiled, matches
+    the flex path's in the same mode (the key layout, or the BlockMask; loss and every gradient, bf16
+    tolerance).
+
+    One layer: a second layer's selection would depend on the first layer's bf16 rounding, which
+    two exact kernels round differently. One flipped block of 32 keys changes a third of a query's
+    keys (an H200 run with two layers: 2 of layer 1's block ranks differed, v_proj's gradient by
+    6%). Compiled, the reference is compiled too: inductor rounds the scores differently from eager."""
     from flexmask.backends import token_gather
 
     calls = []
     real = token_gather.run
     monkeypatch.setattr(token_gather, "run", lambda *args: calls.append(1) or real(*args))
     torch.manual_seed(0)
-    model = llama(layers=2).to("cuda", torch.bfloat16).train()
+    model = llama(layers=1).to("cuda", torch.bfloat16).train()
     fm.hf.to_dma(model, keep_window=64, selection=selection, block_size=32)
-    for layer in model.model.layers:  # nonzero gates: a real content selection
-        layer.self_attn.A.data.normal_()
+    model.model.layers[0].self_attn.A.data.normal_()  # nonzero gates: a real content selection
     ids = torch.randint(1, V, (2, 384), device="cuda")
     in_place = selection == "token" or torch.cuda.get_device_capability() == (9, 0)
 
-    def step():
+    def step(token_kernel):
         model.zero_grad()
-        loss = model(ids, labels=ids).loss
-        loss.backward()
+        with fm.options(token_kernel=token_kernel):
+            loss = model(ids, labels=ids).loss
+            loss.backward()
         return loss.detach().float(), [p.grad.float().clone() for p in model.parameters()]
 
-    with fm.options(token_kernel="flex"):
-        ref_loss, ref_grads = step()
+    def check(got, want):
+        # The gate A and dt_proj's bias get their gradient only as the bf16 bias gradient summed over
+        # every key, whose terms cancel: bf16 rounding moves that sum most (H200, 2026-11-29: A and
+        # dt_proj.bias within 3%, every other parameter within 0.7%), so those two get 15%, the rest
+        # 2%. The bias gradient itself is checked against float64 in tests/test_gpu_token_gather.py.
+        assert abs(got[0].item() - want[0].item()) < 2e-2
+        names = [name for name, _ in model.named_parameters()]
+        pairs = zip(names, got[1], want[1], strict=True)
+        errors = {n: ((g - r).norm() / r.norm().clamp_min(1e-12)).item() for n, g, r in pairs}
+        bad = {n: e for n, e in errors.items() if e >= (0.15 if n.endswith((".A", ".dt_proj.bias")) else 2e-2)}
+        assert not bad, bad
+
+    ref = step("flex")
     assert not calls
-    eager = step()
-    assert len(calls) == (2 if in_place else 0)  # one call per layer
-    for layer in model.model.layers:
-        layer.compile()
-    # The gates A and dt_proj's bias get their gradient only as the bf16 bias gradient summed over
-    # every key, whose terms cancel (|grad| ~ 1e-6 .. 1e-5 here): bf16 rounding moves the sum by 15-25%
-    # between two exact kernels (H200 runs: A 0.24, dt_proj.bias 0.15), so those two get a looser
-    # bound; every other parameter 5%. The bias gradient itself is checked against float64 in
-    # tests/test_gpu_token_gather.py.
-    for loss, grads in (eager, step()):
-        assert abs(loss.item() - ref_loss.item()) < 2e-2
-        for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads, strict=True):
-            bound = 0.5 if name.endswith((".A", ".dt_proj.bias")) else 5e-2
-            assert ((g - r).norm() / r.norm().clamp_min(1e-12)).item() < bound, name
+    check(step("auto"), ref)
+    assert len(calls) == (1 if in_place else 0)
+    model.model.layers[0].compile()
+    check(step("auto"), step("flex"))
 
 
 @needs_topk
