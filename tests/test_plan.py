@@ -407,11 +407,12 @@ def test_counting_scan_outside_inductor_fusion(gen):
     torch.library.opcheck(_unfused_cumsum, (long_rows.bool(), -1, torch.int64))
 
 
-def test_graphed_ends_op_gives_the_interval_ends_of_brute_force_topk(gen):
-    """``flexmask::graphed_topk_ends`` (the token ends as an op compile keeps whole; a CUDA-graph
-    replay on a GPU, eager here): per-key scores broadcast over the batch, ties included, equal a
-    brute-force prefix top-k; ``opcheck`` (fake shapes) and a fullgraph compile of a caller."""
-    from flexmask.lowering.selection import graphed_ends
+def test_graphed_ends_give_the_interval_ends_of_brute_force_topk_and_compile_as_one_op(gen):
+    """``selection.graphed_ends`` (the token ends; a CUDA-graph replay on a GPU, eager here): per-key
+    scores broadcast over the batch, ties included, equal a brute-force prefix top-k. Under
+    ``torch.compile`` a caller's graph holds the op ``flexmask::graphed_topk_ends`` whole (its fake
+    shapes checked by ``opcheck``), and gives the same ends."""
+    from flexmask.lowering.selection import _graphed_ends_op, graphed_ends
 
     scores = torch.randint(0, 5, (1, 2, 77), generator=gen).float()  # many ties
     ends = graphed_ends(scores, 9, 3)
@@ -419,9 +420,16 @@ def test_graphed_ends_op_gives_the_interval_ends_of_brute_force_topk(gen):
     i = torch.arange(77)
     kept = (i[None, None, :, None] >= i[None, None, None, :]) & (i[None, None, :, None] < ends[:, :, None, :].long())
     assert torch.equal(kept, brute_topk(scores.expand(3, 2, 77), 9))
-    torch.library.opcheck(graphed_ends, (scores, 9, 3))
-    compiled = torch.compile(lambda s: graphed_ends(s * 2, 9, 3) + 1, fullgraph=True)
+    torch.library.opcheck(_graphed_ends_op, (scores, 9, 3))
+    targets = []
+
+    def backend(gm, example_inputs):
+        targets.extend(node.target for node in gm.graph.nodes)
+        return gm
+
+    compiled = torch.compile(lambda s: graphed_ends(s * 2, 9, 3) + 1, backend=backend, fullgraph=True)
     assert torch.equal(compiled(scores), ends + 1)
+    assert torch.ops.flexmask.graphed_topk_ends.default in targets
 
 
 @settings(max_examples=60, deadline=None)
