@@ -363,8 +363,8 @@ class TopKBlocks(_ContentMask):
         Without ``among``, on CUDA with option ``graphed_build``, built by a CUDA-graph replay
         (within the graphs' memory budget, as its BlockMask's)."""
         layout = low.layout
-        graphed = low.options.graphed_build and layout.device.type == "cuda" and self._graphed_build_fits(layout)
-        if self.among is None and graphed:
+        cuda = layout.device.type == "cuda"
+        if self.among is None and low.options.graphed_build and cuda and self._graphed_build_fits(layout):
             scores = self.scores.detach().to(layout.device)
             return selection.graphed_topk_blocks_ends(scores, key=(self.k, self.block_size, layout))[0]
         ends = selection.topk_blocks_ends(self.block_selection(low), self.block_size, layout.kv_len)

@@ -8,10 +8,9 @@ chooses:
   options ask for the reference (option ``gather_decode``);
 * ``reference`` when the options say so (``backend="reference"``, or ``"auto"`` off CUDA);
 * ``token_gather`` (on CUDA, option ``token_kernel``) or ``token_layout`` for a lone ``fm.topk``
-  (``token_gather`` also among documents and padding, and for a lone ``fm.topk_blocks`` on Hopper, also
-  among them),
-  self-attention, no softcap, and at most a per-key bias shaped like its scores (option
-  ``token_layout``);
+  (``token_gather`` also among documents and padding, and for a lone ``fm.topk_blocks`` on Hopper,
+  also among them), self-attention, no softcap, and at most a per-key bias shaped like its scores
+  (option ``token_layout``);
 * ``key_bias`` for a lone per-key bias that needs a gradient on CUDA, eagerly (option ``key_bias_grad``);
 * ``flex`` otherwise.
 
